@@ -1,0 +1,105 @@
+//! The `Device` trait every bus calls, and the adapter for `&mut self` devices.
+
+use core::fmt;
+
+use crate::addr::Width;
+use crate::sync::Mutex;
+
+/// One guest access as a device sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// Offset of the access from the start of the device's range.
+    pub offset: u64,
+    /// Absolute address in the bus's address space.
+    pub addr: u64,
+    /// Access size. `offset + width` never runs past the device's range.
+    pub width: Width,
+    /// The vCPU that issued the access, when the caller said.
+    pub vcpu: Option<u32>,
+}
+
+/// What a device can answer instead of a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceError {
+    /// Nothing is decoded at this offset.
+    InvalidOffset(u64),
+    /// The register exists but not at this width.
+    InvalidWidth(Width),
+    /// The register is read-only (for a write) or write-only (for a read).
+    ReadOnly,
+    /// The register is write-only.
+    WriteOnly,
+    /// The device failed for a reason of its own.
+    Failed(&'static str),
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceError::InvalidOffset(o) => write!(f, "nothing decoded at offset {o:#x}"),
+            DeviceError::InvalidWidth(w) => write!(f, "{}-byte access not supported", w.bytes()),
+            DeviceError::ReadOnly => f.write_str("register is read-only"),
+            DeviceError::WriteOnly => f.write_str("register is write-only"),
+            DeviceError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+impl core::error::Error for DeviceError {}
+
+/// An emulated device on a bus.
+///
+/// Calls arrive concurrently from every vCPU thread (`&self`), so a device
+/// chooses its own locking; [`Locked`] serializes a [`DeviceMut`] for devices
+/// that would rather not. A device may edit its own bus from inside a call
+/// (a BAR move, an eject): bus writers never wait for readers.
+pub trait Device: Send + Sync {
+    /// A guest read. The value's bits above `access.width` are ignored.
+    ///
+    /// # Errors
+    /// Whatever the device refuses; the bus passes it on to the caller.
+    fn read(&self, access: Access) -> Result<u64, DeviceError>;
+
+    /// A guest write of `value` (already truncated to `access.width`).
+    ///
+    /// # Errors
+    /// Whatever the device refuses; the bus passes it on to the caller.
+    fn write(&self, access: Access, value: u64) -> Result<(), DeviceError>;
+}
+
+/// A device written against `&mut self`; wrap it in [`Locked`] to put it on a bus.
+pub trait DeviceMut: Send {
+    /// A guest read; see [`Device::read`].
+    ///
+    /// # Errors
+    /// Whatever the device refuses.
+    fn read(&mut self, access: Access) -> Result<u64, DeviceError>;
+    /// A guest write; see [`Device::write`].
+    ///
+    /// # Errors
+    /// Whatever the device refuses.
+    fn write(&mut self, access: Access, value: u64) -> Result<(), DeviceError>;
+}
+
+/// A [`DeviceMut`] behind a mutex: one access at a time.
+pub struct Locked<D>(Mutex<D>);
+
+impl<D: DeviceMut> Locked<D> {
+    /// Wraps `device`.
+    pub fn new(device: D) -> Self {
+        Locked(Mutex::new(device))
+    }
+
+    /// Runs `f` with the device locked (for the VMM's own inspection).
+    pub fn with<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
+        f(&mut self.0.lock())
+    }
+}
+
+impl<D: DeviceMut> Device for Locked<D> {
+    fn read(&self, access: Access) -> Result<u64, DeviceError> {
+        self.0.lock().read(access)
+    }
+    fn write(&self, access: Access, value: u64) -> Result<(), DeviceError> {
+        self.0.lock().write(access, value)
+    }
+}
