@@ -1,0 +1,2 @@
+//! Random register/unregister/remap/transaction/lookup sequences on an
+//! `IoBus`, checked against a `BTreeMap` model of who owns what.

@@ -1,0 +1,3 @@
+//! Property tests: random operation sequences checked against simple models.
+
+mod bus_model;
