@@ -82,8 +82,8 @@ pub enum Edit<S> {
 pub struct Committed {
     /// Ids of the transaction's `Register` edits, in order.
     pub registered: Vec<DeviceId>,
-    /// Completion of the transaction's unregisters (complete at once when
-    /// there were none... after the same grace period as the table swap).
+    /// Completion of the transaction's unregisters: complete once no reader
+    /// can still hold the table this transaction replaced.
     pub unplug: Unplug,
 }
 
