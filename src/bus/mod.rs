@@ -49,6 +49,12 @@ impl DeviceId {
     pub const fn get(self) -> u64 {
         self.0
     }
+
+    /// The id whose raw value is `raw` (as returned by [`Self::get`]), for
+    /// VMMs that keep ids in their own tables.
+    pub const fn from_raw(raw: u64) -> Self {
+        DeviceId(raw)
+    }
 }
 
 impl fmt::Display for DeviceId {
