@@ -63,6 +63,6 @@ mod error;
 pub mod sync;
 
 pub use addr::{AddressSpace, GuestPhysAddr, IoRange, Mmio, Pio, SysReg, Width};
-pub use bus::{DeviceId, Edit, IoBus, Unplug, VcpuHandle};
+pub use bus::{Committed, DeviceId, Edit, IoBus, Unplug, VcpuHandle};
 pub use device::{Access, Device, DeviceError, DeviceMut, Locked};
 pub use error::{AccessError, BusError, RangeError, WaitError, WidthError};
