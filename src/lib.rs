@@ -62,6 +62,11 @@ mod device;
 mod error;
 pub mod sync;
 
+/// Compiles the README's Rust examples as doctests, so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub use addr::{AddressSpace, GuestPhysAddr, IoRange, Mmio, Pio, SysReg, Width};
 pub use bus::{Committed, DeviceId, Edit, IoBus, Unplug, VcpuHandle};
 pub use device::{Access, Device, DeviceError, DeviceMut, Locked};
