@@ -61,6 +61,7 @@ mod bus;
 mod device;
 mod error;
 pub mod sync;
+pub mod virtio;
 
 /// Compiles the README's Rust examples as doctests, so it stays true.
 #[cfg(doctest)]

@@ -1,0 +1,7 @@
+//! A virtio-blk device.
+
+mod backend;
+
+#[cfg(all(feature = "std", unix))]
+pub use backend::FileDisk;
+pub use backend::{BackendError, BackendFeatures, BlockBackend, RamDisk, SECTOR_SIZE};
