@@ -58,8 +58,12 @@ extern crate std;
 
 mod addr;
 mod bus;
+mod config;
 mod device;
+mod devices;
 mod error;
+mod irq;
+mod manager;
 pub mod sync;
 pub mod virtio;
 
@@ -70,5 +74,14 @@ struct ReadmeDoctests;
 
 pub use addr::{AddressSpace, GuestPhysAddr, IoRange, Mmio, Pio, SysReg, Width};
 pub use bus::{Committed, DeviceId, Edit, IoBus, Unplug, VcpuHandle};
+pub use config::{ConfigError, ConfigErrorKind, DeviceConfig, ParamValue, Space, VmDeviceConfig};
 pub use device::{Access, Device, DeviceError, DeviceMut, Locked};
+pub use devices::{
+    BuildEnv, Built, ConsoleSink, Constructor, DeviceKinds, RX_CAPACITY, Reserved, Uart16550,
+    UartOutput,
+};
 pub use error::{AccessError, BusError, RangeError, WaitError, WidthError};
+pub use irq::{Interrupt, InterruptController, RecordingController, RecordingInterrupt};
+pub use manager::{
+    DeviceInfo, DeviceManager, DeviceManagerBuilder, ManagerError, MissPolicy, VcpuIo,
+};

@@ -1,0 +1,661 @@
+//! Device configuration: one [`DeviceConfig`] per device and a VM-level
+//! [`VmDeviceConfig`] list, buildable in code or (with the `config` feature)
+//! loaded from TOML.
+//!
+//! The shape mirrors ArceOS's `EmulatedDeviceConfig` / `AxVmDeviceConfig`:
+//! a name, a kind, a base address, a length and an interrupt line, plus named
+//! parameters instead of an untyped `cfg_list`. Every error a configuration
+//! can cause is a [`ConfigError`] that names the device and the field.
+//!
+//! # TOML format
+//!
+//! ```toml
+//! [[devices]]
+//! name = "uart0"
+//! kind = "uart16550"
+//! base = 0x3f8
+//! length = 8
+//! irq = 4
+//!
+//! [[devices]]
+//! name = "disk0"
+//! kind = "virtio-blk"
+//! base = 0x1000_1000
+//! length = 0x200
+//! irq = 33
+//! params = { ram_size = 1048576, serial = "disk0" }
+//! ```
+//!
+//! TOML integers are signed 64-bit; an address above `i64::MAX` may be
+//! written as a string (`base = "0xffff_ffff_ffff_f000"`).
+
+use alloc::borrow::ToOwned;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::addr::{AddressSpace, IoRange, Mmio, Pio, SysReg};
+use crate::error::RangeError;
+
+/// The address space a device lives in: which of the manager's buses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "config", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "config", serde(rename_all = "lowercase"))]
+pub enum Space {
+    /// Memory-mapped I/O.
+    Mmio,
+    /// x86 port I/O.
+    Pio,
+    /// System registers.
+    SysReg,
+}
+
+impl Space {
+    /// All three spaces, in bus order.
+    pub const ALL: [Space; 3] = [Space::Mmio, Space::Pio, Space::SysReg];
+
+    /// The name used in configurations and diagnostics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Space::Mmio => Mmio::NAME,
+            Space::Pio => Pio::NAME,
+            Space::SysReg => SysReg::NAME,
+        }
+    }
+
+    /// Parses `"mmio"`, `"pio"` (or `"port"`) and `"sysreg"`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "mmio" => Some(Space::Mmio),
+            "pio" | "port" => Some(Space::Pio),
+            "sysreg" => Some(Space::SysReg),
+            _ => None,
+        }
+    }
+
+    /// The highest address of the space.
+    pub const fn last(self) -> u64 {
+        match self {
+            Space::Mmio => Mmio::LAST,
+            Space::Pio => Pio::LAST,
+            Space::SysReg => SysReg::LAST,
+        }
+    }
+
+    /// Validates `base`/`length` as a range of this space: `(start, last)`.
+    ///
+    /// # Errors
+    /// [`RangeError`] for an empty range or one running past the space.
+    pub fn range(self, base: u64, length: u64) -> Result<(u64, u64), RangeError> {
+        fn check<S: AddressSpace>(base: u64, length: u64) -> Result<(u64, u64), RangeError> {
+            IoRange::<S>::new(base, length).map(|r| (r.start(), r.last()))
+        }
+        match self {
+            Space::Mmio => check::<Mmio>(base, length),
+            Space::Pio => check::<Pio>(base, length),
+            Space::SysReg => check::<SysReg>(base, length),
+        }
+    }
+}
+
+impl fmt::Display for Space {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The value of one device parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "config", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "config", serde(untagged))]
+pub enum ParamValue {
+    /// A boolean (`read_only = true`).
+    Bool(bool),
+    /// An unsigned integer (`queues = 2`).
+    Int(u64),
+    /// A string (`serial = "disk0"`, `path = "/var/disk.img"`).
+    Str(String),
+}
+
+impl From<bool> for ParamValue {
+    fn from(v: bool) -> Self {
+        ParamValue::Bool(v)
+    }
+}
+impl From<u64> for ParamValue {
+    fn from(v: u64) -> Self {
+        ParamValue::Int(v)
+    }
+}
+impl From<u32> for ParamValue {
+    fn from(v: u32) -> Self {
+        ParamValue::Int(v.into())
+    }
+}
+impl From<&str> for ParamValue {
+    fn from(v: &str) -> Self {
+        ParamValue::Str(v.to_owned())
+    }
+}
+impl From<String> for ParamValue {
+    fn from(v: String) -> Self {
+        ParamValue::Str(v)
+    }
+}
+
+impl fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamValue::Bool(b) => write!(f, "{b}"),
+            ParamValue::Int(i) => write!(f, "{i:#x}"),
+            ParamValue::Str(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// One emulated device: what it is, where it sits and what it is wired to.
+///
+/// The counterpart of ArceOS's `EmulatedDeviceConfig` (`name`, `emu_type`,
+/// `base_gpa`, `length`, `irq_id`, `cfg_list`).
+///
+/// # Example
+///
+/// ```
+/// use vmio::DeviceConfig;
+///
+/// let disk = DeviceConfig::new("disk0", "virtio-blk", 0x1000_1000, 0x200)
+///     .with_irq(33)
+///     .with_param("ram_size", 1u64 << 20)
+///     .with_param("serial", "disk0");
+/// assert_eq!(disk.param("serial").map(|v| v.to_string()).as_deref(), Some("\"disk0\""));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "config", derive(serde::Serialize, serde::Deserialize))]
+pub struct DeviceConfig {
+    /// Unique name within the VM; hot-plug refers to devices by it.
+    pub name: String,
+    /// Device kind, looked up in the [`DeviceKinds`](crate::DeviceKinds) registry.
+    pub kind: String,
+    /// First address in the device's address space (which the kind decides).
+    pub base: u64,
+    /// Size of the decoded window in bytes (ports for port I/O).
+    pub length: u64,
+    /// Interrupt line, if the device raises one. No two devices share a line.
+    #[cfg_attr(feature = "config", serde(default))]
+    pub irq: Option<u32>,
+    /// Kind-specific parameters.
+    #[cfg_attr(feature = "config", serde(default))]
+    pub params: BTreeMap<String, ParamValue>,
+}
+
+impl DeviceConfig {
+    /// A device without interrupt or parameters.
+    pub fn new(name: impl Into<String>, kind: impl Into<String>, base: u64, length: u64) -> Self {
+        DeviceConfig {
+            name: name.into(),
+            kind: kind.into(),
+            base,
+            length,
+            irq: None,
+            params: BTreeMap::new(),
+        }
+    }
+
+    /// Sets the interrupt line.
+    #[must_use]
+    pub fn with_irq(mut self, irq: u32) -> Self {
+        self.irq = Some(irq);
+        self
+    }
+
+    /// Sets parameter `key`.
+    #[must_use]
+    pub fn with_param(mut self, key: impl Into<String>, value: impl Into<ParamValue>) -> Self {
+        self.params.insert(key.into(), value.into());
+        self
+    }
+
+    /// The raw value of parameter `key`.
+    pub fn param(&self, key: &str) -> Option<&ParamValue> {
+        self.params.get(key)
+    }
+
+    /// An error about this device's field `field`.
+    pub fn error(&self, field: impl Into<String>, kind: ConfigErrorKind) -> ConfigError {
+        ConfigError { device: self.name.clone(), field: field.into(), kind }
+    }
+
+    fn param_field(key: &str) -> String {
+        let mut f = String::from("params.");
+        f.push_str(key);
+        f
+    }
+
+    /// Integer parameter `key`, if present.
+    ///
+    /// # Errors
+    /// [`ConfigErrorKind::InvalidValue`] when present but not an integer.
+    pub fn param_u64(&self, key: &str) -> Result<Option<u64>, ConfigError> {
+        match self.params.get(key) {
+            None => Ok(None),
+            Some(ParamValue::Int(v)) => Ok(Some(*v)),
+            // Large addresses may be spelled as strings (TOML integers are signed).
+            Some(ParamValue::Str(s)) => parse_int(s).map(Some).ok_or_else(|| {
+                self.error(
+                    Self::param_field(key),
+                    ConfigErrorKind::InvalidValue { expected: "an integer" },
+                )
+            }),
+            Some(ParamValue::Bool(_)) => Err(self.error(
+                Self::param_field(key),
+                ConfigErrorKind::InvalidValue { expected: "an integer" },
+            )),
+        }
+    }
+
+    /// Boolean parameter `key`, if present.
+    ///
+    /// # Errors
+    /// [`ConfigErrorKind::InvalidValue`] when present but not a boolean.
+    pub fn param_bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.params.get(key) {
+            None => Ok(None),
+            Some(ParamValue::Bool(v)) => Ok(Some(*v)),
+            Some(_) => Err(self.error(
+                Self::param_field(key),
+                ConfigErrorKind::InvalidValue { expected: "true or false" },
+            )),
+        }
+    }
+
+    /// String parameter `key`, if present.
+    ///
+    /// # Errors
+    /// [`ConfigErrorKind::InvalidValue`] when present but not a string.
+    pub fn param_str(&self, key: &str) -> Result<Option<&str>, ConfigError> {
+        match self.params.get(key) {
+            None => Ok(None),
+            Some(ParamValue::Str(v)) => Ok(Some(v)),
+            Some(_) => Err(self.error(
+                Self::param_field(key),
+                ConfigErrorKind::InvalidValue { expected: "a string" },
+            )),
+        }
+    }
+
+    /// The address space named by parameter `space`, or `default`.
+    ///
+    /// # Errors
+    /// [`ConfigErrorKind::InvalidValue`] for anything but `"mmio"`, `"pio"`
+    /// (`"port"`) or `"sysreg"`.
+    pub fn param_space(&self, default: Space) -> Result<Space, ConfigError> {
+        match self.param_str("space")? {
+            None => Ok(default),
+            Some(s) => Space::from_name(s).ok_or_else(|| {
+                self.error(
+                    "params.space",
+                    ConfigErrorKind::InvalidValue { expected: "\"mmio\", \"pio\" or \"sysreg\"" },
+                )
+            }),
+        }
+    }
+
+    /// An error for a parameter the kind requires but the config lacks.
+    pub fn missing(&self, key: &str) -> ConfigError {
+        self.error(Self::param_field(key), ConfigErrorKind::MissingParam)
+    }
+
+    /// An error for a parameter whose value the kind cannot accept.
+    pub fn invalid(&self, key: &str, expected: &'static str) -> ConfigError {
+        self.error(Self::param_field(key), ConfigErrorKind::InvalidValue { expected })
+    }
+}
+
+/// Parses a decimal or `0x`/`0o`/`0b`-prefixed integer with `_` separators.
+fn parse_int(s: &str) -> Option<u64> {
+    let s: String = s.trim().chars().filter(|&c| c != '_').collect();
+    let (digits, radix) = match s.get(..2) {
+        Some("0x" | "0X") => (&s[2..], 16),
+        Some("0o") => (&s[2..], 8),
+        Some("0b") => (&s[2..], 2),
+        _ => (&s[..], 10),
+    };
+    u64::from_str_radix(digits, radix).ok()
+}
+
+/// A VM's whole device set: the counterpart of ArceOS's `AxVmDeviceConfig`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "config", derive(serde::Serialize, serde::Deserialize))]
+pub struct VmDeviceConfig {
+    /// The devices, built in order.
+    #[cfg_attr(feature = "config", serde(default))]
+    pub devices: Vec<DeviceConfig>,
+}
+
+impl VmDeviceConfig {
+    /// A VM with these devices.
+    pub fn new(devices: Vec<DeviceConfig>) -> Self {
+        VmDeviceConfig { devices }
+    }
+
+    /// Adds a device.
+    #[must_use]
+    pub fn with(mut self, device: DeviceConfig) -> Self {
+        self.devices.push(device);
+        self
+    }
+
+    /// Parses a TOML VM description (see the [module docs](self)).
+    ///
+    /// Unlike plain serde deserialization, every error names the device (its
+    /// `name`, or `devices[i]` when the name itself is missing) and the field.
+    ///
+    /// # Errors
+    /// [`ConfigError`] with device `"<toml>"` for a syntax error, otherwise
+    /// naming the offending device and field.
+    #[cfg(feature = "config")]
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml_load::parse(text)
+    }
+
+    /// Reads and parses a TOML VM description file.
+    ///
+    /// # Errors
+    /// As [`Self::from_toml`]; an unreadable file is reported with the path
+    /// as the device and field `"file"`.
+    #[cfg(all(feature = "config", feature = "std"))]
+    pub fn from_toml_file(path: impl AsRef<std::path::Path>) -> Result<Self, ConfigError> {
+        use alloc::string::ToString;
+
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            device: path.display().to_string(),
+            field: "file".into(),
+            kind: ConfigErrorKind::Failed(e.to_string()),
+        })?;
+        Self::from_toml(&text)
+    }
+}
+
+/// A configuration the manager refuses: which device, which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The device's name (or `devices[i]` when it has none).
+    pub device: String,
+    /// The offending field: `kind`, `base`, `length`, `irq`, `name` or
+    /// `params.<key>`.
+    pub field: String,
+    /// What is wrong with it.
+    pub kind: ConfigErrorKind,
+}
+
+/// What is wrong with a configuration field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigErrorKind {
+    /// No constructor is registered for this kind.
+    UnknownKind(String),
+    /// A field or parameter the kind requires is absent.
+    MissingParam,
+    /// A parameter the kind does not take (likely a typo).
+    UnknownParam,
+    /// A field or parameter has a value the kind cannot use.
+    InvalidValue {
+        /// What would have been accepted.
+        expected: &'static str,
+    },
+    /// Another device already has this name.
+    DuplicateName,
+    /// The range is empty or runs past the end of its address space.
+    Range(RangeError),
+    /// The range overlaps another device's.
+    Overlap {
+        /// The other device (`#id` when it was registered without a name).
+        other: String,
+    },
+    /// The interrupt line is already wired to another device.
+    IrqInUse {
+        /// The device that has it.
+        other: String,
+    },
+    /// The device has an `irq` but the manager has no interrupt controller.
+    NoInterruptController,
+    /// The kind's constructor failed (a backend file could not be opened…).
+    Failed(String),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "device `{}`, field `{}`: ", self.device, self.field)?;
+        match &self.kind {
+            ConfigErrorKind::UnknownKind(k) => write!(f, "unknown device kind `{k}`"),
+            ConfigErrorKind::MissingParam => f.write_str("missing"),
+            ConfigErrorKind::UnknownParam => f.write_str("not a parameter of this kind"),
+            ConfigErrorKind::InvalidValue { expected } => write!(f, "expected {expected}"),
+            ConfigErrorKind::DuplicateName => f.write_str("name already in use"),
+            ConfigErrorKind::Range(e) => e.fmt(f),
+            ConfigErrorKind::Overlap { other } => write!(f, "range overlaps device `{other}`"),
+            ConfigErrorKind::IrqInUse { other } => write!(f, "line already used by `{other}`"),
+            ConfigErrorKind::NoInterruptController => {
+                f.write_str("an interrupt line needs an interrupt controller")
+            }
+            ConfigErrorKind::Failed(why) => f.write_str(why),
+        }
+    }
+}
+impl core::error::Error for ConfigError {}
+
+#[cfg(feature = "config")]
+mod toml_load {
+    //! TOML to [`VmDeviceConfig`], by hand so every error can name its device.
+
+    use alloc::format;
+    use alloc::string::{String, ToString};
+    use alloc::vec::Vec;
+
+    use toml::{Table, Value};
+
+    use super::{
+        ConfigError, ConfigErrorKind, DeviceConfig, ParamValue, VmDeviceConfig, parse_int,
+    };
+
+    fn err(device: &str, field: &str, kind: ConfigErrorKind) -> ConfigError {
+        ConfigError { device: device.into(), field: field.into(), kind }
+    }
+
+    pub(super) fn parse(text: &str) -> Result<VmDeviceConfig, ConfigError> {
+        let root: Table = toml::from_str(text)
+            .map_err(|e| err("<toml>", "syntax", ConfigErrorKind::Failed(e.to_string())))?;
+        let mut devices = Vec::new();
+        for (key, value) in &root {
+            if key != "devices" {
+                return Err(err("<toml>", key, ConfigErrorKind::UnknownParam));
+            }
+            let Value::Array(list) = value else {
+                return Err(err(
+                    "<toml>",
+                    "devices",
+                    ConfigErrorKind::InvalidValue { expected: "an array of tables" },
+                ));
+            };
+            for (i, item) in list.iter().enumerate() {
+                let label = format!("devices[{i}]");
+                let Value::Table(t) = item else {
+                    return Err(err(
+                        &label,
+                        "devices",
+                        ConfigErrorKind::InvalidValue { expected: "a table" },
+                    ));
+                };
+                devices.push(device(&label, t)?);
+            }
+        }
+        Ok(VmDeviceConfig { devices })
+    }
+
+    fn device(label: &str, t: &Table) -> Result<DeviceConfig, ConfigError> {
+        let name = match t.get("name") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(_) => {
+                return Err(err(
+                    label,
+                    "name",
+                    ConfigErrorKind::InvalidValue { expected: "a non-empty string" },
+                ));
+            }
+            None => return Err(err(label, "name", ConfigErrorKind::MissingParam)),
+        };
+        let n = name.as_str();
+        let kind = match t.get("kind") {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => {
+                return Err(err(n, "kind", ConfigErrorKind::InvalidValue { expected: "a string" }));
+            }
+            None => return Err(err(n, "kind", ConfigErrorKind::MissingParam)),
+        };
+        let base = int(n, "base", t.get("base"))?
+            .ok_or_else(|| err(n, "base", ConfigErrorKind::MissingParam))?;
+        let length = int(n, "length", t.get("length"))?
+            .ok_or_else(|| err(n, "length", ConfigErrorKind::MissingParam))?;
+        let irq = int(n, "irq", t.get("irq"))?
+            .map(|v| {
+                u32::try_from(v).map_err(|_| {
+                    err(
+                        n,
+                        "irq",
+                        ConfigErrorKind::InvalidValue { expected: "a 32-bit line number" },
+                    )
+                })
+            })
+            .transpose()?;
+        let mut cfg = DeviceConfig::new(name.clone(), kind, base, length);
+        cfg.irq = irq;
+        for key in t.keys() {
+            if !matches!(key.as_str(), "name" | "kind" | "base" | "length" | "irq" | "params") {
+                return Err(err(n, key, ConfigErrorKind::UnknownParam));
+            }
+        }
+        match t.get("params") {
+            None => {}
+            Some(Value::Table(params)) => {
+                for (k, v) in params {
+                    let field = format!("params.{k}");
+                    let value = match v {
+                        Value::Boolean(b) => ParamValue::Bool(*b),
+                        Value::String(s) => ParamValue::Str(s.clone()),
+                        Value::Integer(i) => ParamValue::Int(u64::try_from(*i).map_err(|_| {
+                            err(
+                                n,
+                                &field,
+                                ConfigErrorKind::InvalidValue {
+                                    expected: "a non-negative integer",
+                                },
+                            )
+                        })?),
+                        _ => {
+                            return Err(err(
+                                n,
+                                &field,
+                                ConfigErrorKind::InvalidValue {
+                                    expected: "a boolean, an integer or a string",
+                                },
+                            ));
+                        }
+                    };
+                    cfg.params.insert(String::from(k.as_str()), value);
+                }
+            }
+            Some(_) => {
+                return Err(err(
+                    n,
+                    "params",
+                    ConfigErrorKind::InvalidValue { expected: "a table" },
+                ));
+            }
+        }
+        Ok(cfg)
+    }
+
+    fn int(device: &str, field: &str, v: Option<&Value>) -> Result<Option<u64>, ConfigError> {
+        let bad = || {
+            err(device, field, ConfigErrorKind::InvalidValue { expected: "a non-negative integer" })
+        };
+        match v {
+            None => Ok(None),
+            Some(Value::Integer(i)) => u64::try_from(*i).map(Some).map_err(|_| bad()),
+            Some(Value::String(s)) => parse_int(s).map(Some).ok_or_else(bad),
+            Some(_) => Err(bad()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int_strings_parse_in_every_radix() {
+        assert_eq!(parse_int("0xffff_ffff_ffff_f000"), Some(0xffff_ffff_ffff_f000));
+        assert_eq!(parse_int("4096"), Some(4096));
+        assert_eq!(parse_int("0b101"), Some(5));
+        assert_eq!(parse_int("0o17"), Some(15));
+        assert_eq!(parse_int("0x"), None);
+        assert_eq!(parse_int("12z"), None);
+    }
+
+    #[test]
+    fn typed_params_refuse_the_wrong_type() {
+        let c = DeviceConfig::new("d", "k", 0, 1)
+            .with_param("n", 3u64)
+            .with_param("b", true)
+            .with_param("s", "0x10");
+        assert_eq!(c.param_u64("n"), Ok(Some(3)));
+        assert_eq!(c.param_u64("s"), Ok(Some(16)));
+        assert_eq!(c.param_u64("missing"), Ok(None));
+        let e = c.param_u64("b").unwrap_err();
+        assert_eq!((e.device.as_str(), e.field.as_str()), ("d", "params.b"));
+        assert!(c.param_bool("n").is_err());
+        assert!(c.param_str("b").is_err());
+        assert_eq!(c.param_space(Space::Pio), Ok(Space::Pio));
+        let bad = c.clone().with_param("space", "dma");
+        assert_eq!(bad.param_space(Space::Mmio).unwrap_err().field, "params.space");
+    }
+
+    #[cfg(feature = "config")]
+    #[test]
+    fn toml_errors_name_device_and_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[[devices]]\nkind='reserved'\nbase=0\nlength=1", "devices[0]", "name"),
+            ("[[devices]]\nname='a'\nbase=0\nlength=1", "a", "kind"),
+            ("[[devices]]\nname='a'\nkind='x'\nlength=1", "a", "base"),
+            ("[[devices]]\nname='a'\nkind='x'\nbase=-1\nlength=1", "a", "base"),
+            ("[[devices]]\nname='a'\nkind='x'\nbase=0", "a", "length"),
+            ("[[devices]]\nname='a'\nkind='x'\nbase=0\nlength=1\nirq=0x1_0000_0000", "a", "irq"),
+            ("[[devices]]\nname='a'\nkind='x'\nbase=0\nlength=1\nirqq=3", "a", "irqq"),
+            ("[[devices]]\nname='a'\nkind='x'\nbase=0\nlength=1\nparams={v=1.5}", "a", "params.v"),
+            ("[[devices]]\nname='a'\nkind='x'\nbase=0\nlength=1\nparams=3", "a", "params"),
+            ("machine = 1", "<toml>", "machine"),
+            ("[[devices]\n", "<toml>", "syntax"),
+        ];
+        for (text, device, field) in cases {
+            let e = VmDeviceConfig::from_toml(text).unwrap_err();
+            assert_eq!((e.device.as_str(), e.field.as_str()), (*device, *field), "{text}: {e}");
+        }
+    }
+
+    #[cfg(feature = "config")]
+    #[test]
+    fn toml_round_trips_every_value_type() {
+        let vm = VmDeviceConfig::from_toml(
+            "[[devices]]\nname='d'\nkind='k'\nbase='0xffff_ffff_ffff_f000'\nlength=0x1000\n\
+             irq=7\nparams={ a = true, b = 5, c = 'x' }\n",
+        )
+        .unwrap();
+        let want = DeviceConfig::new("d", "k", 0xffff_ffff_ffff_f000, 0x1000)
+            .with_irq(7)
+            .with_param("a", true)
+            .with_param("b", 5u64)
+            .with_param("c", "x");
+        assert_eq!(vm.devices, [want]);
+    }
+}

@@ -1,0 +1,196 @@
+//! Device kinds: the registry that turns a [`DeviceConfig`] into a device,
+//! and the kinds built in (`uart16550`, `reserved`).
+
+mod reserved;
+mod uart;
+
+use alloc::borrow::ToOwned;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::any::Any;
+use core::fmt;
+
+pub use reserved::Reserved;
+pub use uart::{RX_CAPACITY, Uart16550, UartOutput};
+
+use crate::config::{ConfigError, ConfigErrorKind, DeviceConfig, Space};
+use crate::device::Device;
+use crate::irq::Interrupt;
+
+/// Receives what a configured console device (a `uart16550`) transmits:
+/// the device's name and the bytes.
+pub type ConsoleSink = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
+
+/// What a kind constructor gets to build one device.
+pub struct BuildEnv<'a> {
+    /// The device's configuration.
+    pub config: &'a DeviceConfig,
+    /// The line for `config.irq`, already looked up in the manager's
+    /// interrupt controller (`None` when `irq` is unset).
+    pub interrupt: Option<Arc<dyn Interrupt>>,
+    /// The manager's console sink, if it has one.
+    pub console: Option<&'a ConsoleSink>,
+}
+
+/// A device a kind constructor built, and the bus it goes on.
+pub struct Built {
+    space: Space,
+    device: Arc<dyn Device>,
+    any: Arc<dyn Any + Send + Sync>,
+}
+
+impl Built {
+    /// `device`, to be placed on the `space` bus at the config's range.
+    pub fn new<D: Device + Any>(space: Space, device: Arc<D>) -> Self {
+        Built { space, device: device.clone(), any: device }
+    }
+
+    /// The bus the device goes on.
+    pub fn space(&self) -> Space {
+        self.space
+    }
+
+    pub(crate) fn into_parts(self) -> (Space, Arc<dyn Device>, Arc<dyn Any + Send + Sync>) {
+        (self.space, self.device, self.any)
+    }
+}
+
+impl fmt::Debug for Built {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Built").field("space", &self.space).finish_non_exhaustive()
+    }
+}
+
+/// A kind constructor.
+pub type Constructor = dyn Fn(&BuildEnv<'_>) -> Result<Built, ConfigError> + Send + Sync;
+
+#[derive(Clone)]
+struct Kind {
+    params: Vec<String>,
+    build: Arc<Constructor>,
+}
+
+/// Maps kind names to constructors. [`DeviceKinds::default`] holds the
+/// built-in kinds; a VMM adds its own with [`DeviceKinds::register`].
+///
+/// | kind | bus | params |
+/// |---|---|---|
+/// | `uart16550` | `pio` (or `space = "mmio"`) | `space`, `reg_shift`, `output` (`"console"`, `"stdout"`, `"stderr"`, `"discard"`) |
+/// | `reserved` | `mmio` (or `space`) | `space`, `value` (read value, default all ones) |
+#[derive(Clone)]
+pub struct DeviceKinds {
+    kinds: BTreeMap<String, Kind>,
+}
+
+impl Default for DeviceKinds {
+    fn default() -> Self {
+        let mut k = DeviceKinds::empty();
+        k.register("uart16550", &["space", "reg_shift", "output"], build_uart);
+        k.register("reserved", &["space", "value"], build_reserved);
+        k
+    }
+}
+
+impl fmt::Debug for DeviceKinds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.kinds.keys()).finish()
+    }
+}
+
+impl DeviceKinds {
+    /// A registry with no kinds at all.
+    pub fn empty() -> Self {
+        DeviceKinds { kinds: BTreeMap::new() }
+    }
+
+    /// Adds (or replaces) kind `name`, taking parameters `params` (any other
+    /// parameter in a config is refused as a likely typo).
+    pub fn register(
+        &mut self,
+        name: &str,
+        params: &[&str],
+        build: impl Fn(&BuildEnv<'_>) -> Result<Built, ConfigError> + Send + Sync + 'static,
+    ) -> &mut Self {
+        let params = params.iter().map(|&p| p.to_owned()).collect();
+        self.kinds.insert(name.to_owned(), Kind { params, build: Arc::new(build) });
+        self
+    }
+
+    /// Whether kind `name` is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.kinds.contains_key(name)
+    }
+
+    /// The registered kind names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.kinds.keys().map(String::as_str)
+    }
+
+    /// Checks the kind and its parameter names, then runs its constructor.
+    pub(crate) fn build(&self, env: &BuildEnv<'_>) -> Result<Built, ConfigError> {
+        let cfg = env.config;
+        let kind = self
+            .kinds
+            .get(&cfg.kind)
+            .ok_or_else(|| cfg.error("kind", ConfigErrorKind::UnknownKind(cfg.kind.clone())))?;
+        if let Some(unknown) = cfg.params.keys().find(|p| !kind.params.contains(p)) {
+            let mut field = String::from("params.");
+            field.push_str(unknown);
+            return Err(cfg.error(field, ConfigErrorKind::UnknownParam));
+        }
+        (kind.build)(env)
+    }
+}
+
+fn build_uart(env: &BuildEnv<'_>) -> Result<Built, ConfigError> {
+    let cfg = env.config;
+    let space = cfg.param_space(Space::Pio)?;
+    let shift = cfg.param_u64("reg_shift")?.unwrap_or(0);
+    if shift > 3 {
+        return Err(cfg.invalid("reg_shift", "0, 1, 2 or 3"));
+    }
+    let output = cfg.param_str("output")?.unwrap_or("console");
+    let uart = match (output, env.console) {
+        ("console", Some(sink)) => {
+            let (sink, name) = (sink.clone(), cfg.name.clone());
+            Uart16550::new(move |bytes| sink(&name, bytes))
+        }
+        #[cfg(feature = "std")]
+        ("console" | "stdout", _) => Uart16550::with_writer(std::io::stdout()),
+        #[cfg(feature = "std")]
+        ("stderr", _) => Uart16550::with_writer(std::io::stderr()),
+        #[cfg(not(feature = "std"))]
+        ("console", None) => Uart16550::new(|_| {}),
+        ("discard", _) => Uart16550::new(|_| {}),
+        _ => {
+            return Err(cfg.invalid("output", "\"console\", \"stdout\", \"stderr\" or \"discard\""));
+        }
+    };
+    // `shift <= 3` was checked above.
+    let mut uart = uart.with_reg_shift(shift as u32);
+    if let Some(irq) = env.interrupt.clone() {
+        uart = uart.with_interrupt(irq);
+    }
+    if cfg.length < uart.window() {
+        return Err(cfg.error(
+            "length",
+            ConfigErrorKind::InvalidValue { expected: "at least 8 << reg_shift bytes" },
+        ));
+    }
+    Ok(Built::new(space, Arc::new(uart)))
+}
+
+fn build_reserved(env: &BuildEnv<'_>) -> Result<Built, ConfigError> {
+    let cfg = env.config;
+    let space = cfg.param_space(Space::Mmio)?;
+    let value = cfg.param_u64("value")?.unwrap_or(u64::MAX);
+    if cfg.irq.is_some() {
+        return Err(cfg.error(
+            "irq",
+            ConfigErrorKind::InvalidValue { expected: "no interrupt for a reserved hole" },
+        ));
+    }
+    Ok(Built::new(space, Arc::new(Reserved::new(value))))
+}
