@@ -325,6 +325,27 @@ fn parse_int(s: &str) -> Option<u64> {
 }
 
 /// A VM's whole device set: the counterpart of ArceOS's `AxVmDeviceConfig`.
+///
+/// In TOML (feature `config`), one `[[devices]]` table per device:
+///
+/// ```toml
+/// [[devices]]
+/// name = "com1"
+/// kind = "uart16550"
+/// base = 0x3f8
+/// length = 8
+/// irq = 4
+///
+/// [[devices]]
+/// name = "hole"
+/// kind = "reserved"
+/// base = 0xfed0_0000
+/// length = 0x1000
+/// params = { value = 0 }
+/// ```
+///
+/// TOML integers are signed 64-bit: an address above `i64::MAX` may be
+/// written as a string (`base = "0xffff_ffff_ffff_f000"`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "config", derive(serde::Serialize, serde::Deserialize))]
 pub struct VmDeviceConfig {
@@ -346,7 +367,7 @@ impl VmDeviceConfig {
         self
     }
 
-    /// Parses a TOML VM description (see the [module docs](self)).
+    /// Parses a TOML VM description (format in the type's docs).
     ///
     /// Unlike plain serde deserialization, every error names the device (its
     /// `name`, or `devices[i]` when the name itself is missing) and the field.

@@ -6,10 +6,19 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::sync::Mutex;
 
-/// One interrupt line the VMM routes to the guest's interrupt controller.
-pub trait Interrupt: Send + Sync {
-    /// Drives a level-triggered line high (`true`) or low.
-    fn set_level(&self, level: bool);
+/// One guest interrupt line, implemented by the VMM (a GIC SPI, an IOAPIC
+/// pin, a PLIC source).
+pub trait IrqLine: Send + Sync {
+    /// Delivers one edge-triggered interrupt.
+    fn pulse(&self);
+
+    /// Drives a level-triggered line: `true` asserts, `false` deasserts.
+    /// The default pulses on assertion, for VMMs that only have edges.
+    fn set_level(&self, asserted: bool) {
+        if asserted {
+            self.pulse();
+        }
+    }
 }
 
 /// Records what a device did with its line, for tests.
@@ -31,14 +40,19 @@ impl RecordingInterrupt {
         self.level.load(Ordering::Relaxed)
     }
 
-    /// How many low-to-high transitions happened.
+    /// How many low-to-high transitions and pulses happened.
     pub fn raised(&self) -> u64 {
         // Relaxed: as above.
         self.raised.load(Ordering::Relaxed)
     }
 }
 
-impl Interrupt for RecordingInterrupt {
+impl IrqLine for RecordingInterrupt {
+    fn pulse(&self) {
+        // Relaxed: a counter read after the fact.
+        self.raised.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn set_level(&self, level: bool) {
         // Relaxed: only counts and the latest value are observed.
         if level && !self.level.swap(level, Ordering::Relaxed) {
@@ -53,7 +67,7 @@ impl Interrupt for RecordingInterrupt {
 /// [`DeviceManager`](crate::DeviceManager) wires each device's `irq`.
 pub trait InterruptController: Send + Sync {
     /// The line for `irq`, or `None` when the controller has no such line.
-    fn line(&self, irq: u32) -> Option<Arc<dyn Interrupt>>;
+    fn line(&self, irq: u32) -> Option<Arc<dyn IrqLine>>;
 }
 
 /// An [`InterruptController`] whose every line is a [`RecordingInterrupt`],
@@ -76,7 +90,7 @@ impl RecordingController {
 }
 
 impl InterruptController for RecordingController {
-    fn line(&self, irq: u32) -> Option<Arc<dyn Interrupt>> {
+    fn line(&self, irq: u32) -> Option<Arc<dyn IrqLine>> {
         Some(self.recording(irq))
     }
 }

@@ -81,7 +81,7 @@ pub use devices::{
     UartOutput,
 };
 pub use error::{AccessError, BusError, RangeError, WaitError, WidthError};
-pub use irq::{Interrupt, InterruptController, RecordingController, RecordingInterrupt};
+pub use irq::{InterruptController, IrqLine, RecordingController, RecordingInterrupt};
 pub use manager::{
     DeviceInfo, DeviceManager, DeviceManagerBuilder, ManagerError, MissPolicy, VcpuIo,
 };

@@ -216,7 +216,7 @@ fn irq_needs_a_controller_that_has_the_line() {
 
     struct NoLines;
     impl vmio::InterruptController for NoLines {
-        fn line(&self, _: u32) -> Option<Arc<dyn vmio::Interrupt>> {
+        fn line(&self, _: u32) -> Option<Arc<dyn vmio::IrqLine>> {
             None
         }
     }

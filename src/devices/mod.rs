@@ -17,7 +17,7 @@ pub use uart::{RX_CAPACITY, Uart16550, UartOutput};
 
 use crate::config::{ConfigError, ConfigErrorKind, DeviceConfig, Space};
 use crate::device::Device;
-use crate::irq::Interrupt;
+use crate::irq::IrqLine;
 
 /// Receives what a configured console device (a `uart16550`) transmits:
 /// the device's name and the bytes.
@@ -29,7 +29,7 @@ pub struct BuildEnv<'a> {
     pub config: &'a DeviceConfig,
     /// The line for `config.irq`, already looked up in the manager's
     /// interrupt controller (`None` when `irq` is unset).
-    pub interrupt: Option<Arc<dyn Interrupt>>,
+    pub interrupt: Option<Arc<dyn IrqLine>>,
     /// The manager's console sink, if it has one.
     pub console: Option<&'a ConsoleSink>,
 }

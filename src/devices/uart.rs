@@ -10,7 +10,7 @@ use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 
 use crate::device::{Access, Device, DeviceError};
-use crate::irq::Interrupt;
+use crate::irq::IrqLine;
 use crate::sync::Mutex;
 
 /// Register offsets (in register units, before any `reg_shift`).
@@ -78,7 +78,7 @@ struct Regs {
     /// The level last driven on the interrupt line.
     level: bool,
     output: UartOutput,
-    irq: Option<Arc<dyn Interrupt>>,
+    irq: Option<Arc<dyn IrqLine>>,
 }
 
 impl Regs {
@@ -214,7 +214,7 @@ impl Uart16550 {
 
     /// Wires the UART's interrupt output (level-triggered) to `irq`.
     #[must_use]
-    pub fn with_interrupt(self, irq: Arc<dyn Interrupt>) -> Self {
+    pub fn with_interrupt(self, irq: Arc<dyn IrqLine>) -> Self {
         self.regs.lock().irq = Some(irq);
         self
     }
