@@ -65,6 +65,8 @@ mod error;
 mod irq;
 mod manager;
 pub mod sync;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod virtio;
 
 /// Compiles the README's Rust examples as doctests, so it stays true.

@@ -1,0 +1,644 @@
+//! Guest physical memory: the only way device code reaches the guest's RAM.
+//!
+//! [`GuestMemory`] is the narrow interface every virtio component goes
+//! through. Each access names a guest-physical address and a length; the
+//! implementation checks the whole range (including `addr + len` overflow)
+//! before touching a byte and answers with a [`MemoryError`] otherwise, so a
+//! guest that points a descriptor at the top of the address space, past the
+//! end of RAM or into a hole between regions gets an error value, never a
+//! host access outside guest memory.
+//!
+//! # Aliasing
+//!
+//! Guest memory is shared with the guest, which writes it concurrently from
+//! its own vCPUs while the device reads it. Rust references (`&[u8]`,
+//! `&mut [u8]`) promise that nobody else mutates the bytes for their lifetime,
+//! a promise that cannot be kept here, so [`GuestRam`] never creates one into
+//! guest memory. Bulk data moves with raw-pointer copies into and out of
+//! host-owned buffers; the device validates what it copied, never the guest's
+//! bytes in place, so a guest that rewrites a descriptor while the device
+//! parses it only changes which (validated) value the device sees, never
+//! whether it is checked (no time-of-check/time-of-use window). The ring
+//! index fields that carry the driver/device handshake (`avail.idx`,
+//! `used.idx`) go through [`GuestMemory::load_u16`] and
+//! [`GuestMemory::store_u16`], real atomic accesses with the orderings the
+//! virtio memory model needs.
+
+use alloc::vec::Vec;
+use core::alloc::Layout;
+use core::fmt;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU16, Ordering, fence};
+
+/// Why a guest memory access was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryError {
+    /// Part of `[addr, addr + len)` is not guest RAM.
+    OutOfBounds {
+        /// First guest-physical address of the access.
+        addr: u64,
+        /// Length of the access in bytes.
+        len: u64,
+    },
+    /// `addr + len` does not fit in 64 bits.
+    Overflow {
+        /// First guest-physical address of the access.
+        addr: u64,
+        /// Length of the access in bytes.
+        len: u64,
+    },
+    /// The range is guest RAM but spans more than one host mapping, so no
+    /// single host pointer covers it ([`GuestMemory::host_ptr`] only).
+    NotContiguous {
+        /// First guest-physical address of the access.
+        addr: u64,
+        /// Length of the access in bytes.
+        len: u64,
+    },
+}
+
+impl fmt::Display for MemoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            MemoryError::OutOfBounds { addr, len } => {
+                write!(f, "{len} bytes at guest address {addr:#x} are not guest RAM")
+            }
+            MemoryError::Overflow { addr, len } => {
+                write!(f, "{len} bytes at guest address {addr:#x} overflow the address space")
+            }
+            MemoryError::NotContiguous { addr, len } => {
+                write!(f, "{len} bytes at guest address {addr:#x} span several host mappings")
+            }
+        }
+    }
+}
+impl core::error::Error for MemoryError {}
+
+/// Bounds-checked access to guest physical memory.
+///
+/// Implementations must check every access in full and must tolerate the
+/// guest writing the same bytes concurrently (see the [module
+/// docs](self#aliasing)). All multi-byte helpers are little-endian, as virtio
+/// 1.x is.
+pub trait GuestMemory: Send + Sync {
+    /// Copies `buf.len()` bytes starting at guest address `addr` into `buf`.
+    ///
+    /// # Errors
+    /// [`MemoryError::OutOfBounds`] or [`MemoryError::Overflow`] when any part
+    /// of the range is not guest RAM; `buf` is then unspecified.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+
+    /// Copies `data` to guest memory starting at guest address `addr`.
+    ///
+    /// # Errors
+    /// As for [`read`](Self::read); nothing is written when the range is not
+    /// entirely guest RAM.
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError>;
+
+    /// Checks that `[addr, addr + len)` is guest RAM without touching it.
+    ///
+    /// # Errors
+    /// As for [`read`](Self::read).
+    fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError>;
+
+    /// Loads the `u16` at `addr` with `order` (`Relaxed`, `Acquire` or
+    /// `SeqCst`). Used for the ring indices shared with the driver.
+    ///
+    /// The default copies and then issues an acquire fence when asked;
+    /// [`GuestRam`] does a real atomic load.
+    ///
+    /// # Errors
+    /// As for [`read`](Self::read).
+    fn load_u16(&self, addr: u64, order: Ordering) -> Result<u16, MemoryError> {
+        let mut b = [0; 2];
+        self.read(addr, &mut b)?;
+        if order != Ordering::Relaxed {
+            // Later reads (ring entries, descriptors) must not be satisfied
+            // before the index that announced them.
+            fence(Ordering::Acquire);
+        }
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Stores `value` at `addr` with `order` (`Relaxed`, `Release` or
+    /// `SeqCst`).
+    ///
+    /// The default issues a release fence when asked and then copies;
+    /// [`GuestRam`] does a real atomic store.
+    ///
+    /// # Errors
+    /// As for [`write`](Self::write).
+    fn store_u16(&self, addr: u64, value: u16, order: Ordering) -> Result<(), MemoryError> {
+        if order != Ordering::Relaxed {
+            // Everything written before (used elements, data) must be visible
+            // no later than the index that publishes it.
+            fence(Ordering::Release);
+        }
+        self.write(addr, &value.to_le_bytes())
+    }
+
+    /// A host pointer to `len` bytes of guest memory at `addr`, for VMMs that
+    /// hand guest buffers straight to the host kernel (positional I/O into
+    /// guest RAM).
+    ///
+    /// The pointer stays valid as long as `self` lives. The guest may write
+    /// the bytes at any time: never build a Rust reference to them that
+    /// outlives one copy, and never trust what was read there without
+    /// validating a private copy. The default refuses.
+    ///
+    /// # Errors
+    /// [`MemoryError::NotContiguous`] when no single host mapping covers the
+    /// range (always, for the default), or a bounds error.
+    fn host_ptr(&self, addr: u64, len: u64) -> Result<NonNull<u8>, MemoryError> {
+        self.check(addr, len)?;
+        Err(MemoryError::NotContiguous { addr, len })
+    }
+
+    /// Reads a little-endian `u16`.
+    ///
+    /// # Errors
+    /// As for [`read`](Self::read).
+    fn read_u16(&self, addr: u64) -> Result<u16, MemoryError> {
+        let mut b = [0; 2];
+        self.read(addr, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Reads a little-endian `u32`.
+    ///
+    /// # Errors
+    /// As for [`read`](Self::read).
+    fn read_u32(&self, addr: u64) -> Result<u32, MemoryError> {
+        let mut b = [0; 4];
+        self.read(addr, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Reads a little-endian `u64`.
+    ///
+    /// # Errors
+    /// As for [`read`](Self::read).
+    fn read_u64(&self, addr: u64) -> Result<u64, MemoryError> {
+        let mut b = [0; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian `u16`.
+    ///
+    /// # Errors
+    /// As for [`write`](Self::write).
+    fn write_u16(&self, addr: u64, value: u16) -> Result<(), MemoryError> {
+        self.write(addr, &value.to_le_bytes())
+    }
+
+    /// Writes a little-endian `u32`.
+    ///
+    /// # Errors
+    /// As for [`write`](Self::write).
+    fn write_u32(&self, addr: u64, value: u32) -> Result<(), MemoryError> {
+        self.write(addr, &value.to_le_bytes())
+    }
+
+    /// Writes a little-endian `u64`.
+    ///
+    /// # Errors
+    /// As for [`write`](Self::write).
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemoryError> {
+        self.write(addr, &value.to_le_bytes())
+    }
+
+    /// Sets `len` bytes at `addr` to `byte`.
+    ///
+    /// # Errors
+    /// As for [`write`](Self::write); the range is checked before anything is
+    /// written.
+    fn fill(&self, addr: u64, len: u64, byte: u8) -> Result<(), MemoryError> {
+        self.check(addr, len)?;
+        let chunk = [byte; 256];
+        let mut done = 0u64;
+        while done < len {
+            // `len - done` < 2^64 and the chunk is 256 bytes: the cast is exact.
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write(addr + done, &chunk[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`GuestRam`] could not be built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestRamError {
+    /// No regions, or a region of zero bytes.
+    Empty,
+    /// A region runs past the top of the 64-bit guest-physical space.
+    Wraps {
+        /// Guest-physical base of the region.
+        base: u64,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// Two regions overlap.
+    Overlap {
+        /// Base of the first region.
+        first: u64,
+        /// Base of the second region, which starts inside the first.
+        second: u64,
+    },
+    /// The host could not allocate the backing memory.
+    Alloc {
+        /// Size of the allocation that failed.
+        size: u64,
+    },
+}
+
+impl fmt::Display for GuestRamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            GuestRamError::Empty => f.write_str("guest RAM needs at least one non-empty region"),
+            GuestRamError::Wraps { base, size } => {
+                write!(f, "region of {size:#x} bytes at {base:#x} runs past the top of memory")
+            }
+            GuestRamError::Overlap { first, second } => {
+                write!(f, "region at {second:#x} overlaps region at {first:#x}")
+            }
+            GuestRamError::Alloc { size } => write!(f, "cannot allocate {size:#x} bytes"),
+        }
+    }
+}
+impl core::error::Error for GuestRamError {}
+
+/// One contiguous piece of guest RAM backed by host memory.
+#[derive(Debug)]
+struct Region {
+    /// Guest-physical address of the first byte.
+    base: u64,
+    /// Size in bytes (never 0; `base + len - 1` does not overflow).
+    len: u64,
+    /// Host address of the first byte.
+    ptr: NonNull<u8>,
+    /// The layout to free with, when we allocated the region ourselves.
+    owned: Option<Layout>,
+}
+
+/// Host memory standing for guest physical memory: one or more regions at
+/// guest-physical addresses, for tests and simple VMMs (std and no_std).
+///
+/// Regions either belong to the `GuestRam` (allocated zeroed, page-aligned,
+/// freed on drop) or are borrowed from the VMM with
+/// [`from_host`](Self::from_host). Accesses may cross from one region into
+/// the next when they are adjacent; any byte that falls in a hole is an error.
+///
+/// # Example
+/// ```
+/// use vmio::virtio::{GuestMemory, GuestRam, MemoryError};
+///
+/// let ram = GuestRam::new(0x4000_0000, 0x10000)?;
+/// ram.write_u32(0x4000_0010, 0xdead_beef)?;
+/// assert_eq!(ram.read_u32(0x4000_0010)?, 0xdead_beef);
+/// // One byte past the end is refused, never touched.
+/// assert_eq!(
+///     ram.read_u32(0x4000_fffd),
+///     Err(MemoryError::OutOfBounds { addr: 0x4000_fffd, len: 4 })
+/// );
+/// # Ok::<(), Box<dyn core::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct GuestRam {
+    /// Sorted by `base`, non-overlapping.
+    regions: Vec<Region>,
+}
+
+// SAFETY: a `GuestRam` only holds pointers to memory it owns or that the
+// creator of `from_host` promised stays valid; every access goes through raw
+// pointer copies or atomics (no references), so sharing it between threads
+// adds no aliasing that a single thread would not have.
+unsafe impl Send for GuestRam {}
+// SAFETY: see `Send`; `&GuestRam` only offers copies and atomic accesses.
+unsafe impl Sync for GuestRam {}
+
+/// Host pages are the natural alignment for guest RAM, and 8-byte alignment
+/// (which any page alignment gives) keeps ring fields atomic-capable.
+const RAM_ALIGN: usize = 4096;
+
+impl GuestRam {
+    /// One zeroed region of `size` bytes at guest-physical `base`.
+    ///
+    /// # Errors
+    /// [`GuestRamError`] for an empty or wrapping region, or when the host is
+    /// out of memory.
+    pub fn new(base: u64, size: u64) -> Result<Self, GuestRamError> {
+        Self::with_regions(&[(base, size)])
+    }
+
+    /// Zeroed regions at the given `(base, size)` pairs, in any order.
+    ///
+    /// # Errors
+    /// [`GuestRamError`] for an empty list or region, a region that wraps,
+    /// overlapping regions, or a failed allocation.
+    pub fn with_regions(regions: &[(u64, u64)]) -> Result<Self, GuestRamError> {
+        Self::validate(regions)?;
+        // Built up in place so that a failed allocation frees the earlier
+        // regions through `Drop`.
+        let mut ram = GuestRam { regions: Vec::with_capacity(regions.len()) };
+        for &(base, len) in regions {
+            let size = usize::try_from(len).map_err(|_| GuestRamError::Alloc { size: len })?;
+            let layout = Layout::from_size_align(size, RAM_ALIGN)
+                .map_err(|_| GuestRamError::Alloc { size: len })?;
+            // SAFETY: `validate` refused zero-sized regions, so the layout
+            // has a non-zero size as `alloc_zeroed` requires.
+            let raw = unsafe { alloc::alloc::alloc_zeroed(layout) };
+            let ptr = NonNull::new(raw).ok_or(GuestRamError::Alloc { size: len })?;
+            ram.regions.push(Region { base, len, ptr, owned: Some(layout) });
+        }
+        ram.regions.sort_by_key(|r| r.base);
+        Ok(ram)
+    }
+
+    /// Guest RAM over host memory the VMM already has (an `mmap` of the
+    /// guest's memory, say): each `(base, ptr, size)` maps `size` bytes at
+    /// host `ptr` to guest-physical `base`. The memory is not freed on drop.
+    ///
+    /// # Errors
+    /// As for [`with_regions`](Self::with_regions) (never `Alloc`).
+    ///
+    /// # Safety
+    /// For as long as the returned value lives, each `ptr` must be valid for
+    /// reads and writes of `size` bytes, must not be freed or unmapped, and
+    /// must not be accessed through Rust references by anyone else (other
+    /// raw-pointer or guest accesses are fine: that is the aliasing model
+    /// this type is built for).
+    pub unsafe fn from_host(regions: &[(u64, NonNull<u8>, u64)]) -> Result<Self, GuestRamError> {
+        let ranges: Vec<(u64, u64)> = regions.iter().map(|&(b, _, s)| (b, s)).collect();
+        Self::validate(&ranges)?;
+        let mut out: Vec<Region> = regions
+            .iter()
+            .map(|&(base, ptr, len)| Region { base, len, ptr, owned: None })
+            .collect();
+        out.sort_by_key(|r| r.base);
+        Ok(GuestRam { regions: out })
+    }
+
+    fn validate(regions: &[(u64, u64)]) -> Result<(), GuestRamError> {
+        if regions.is_empty() {
+            return Err(GuestRamError::Empty);
+        }
+        let mut sorted: Vec<(u64, u64)> = regions.to_vec();
+        sorted.sort_unstable();
+        for &(base, size) in &sorted {
+            if size == 0 {
+                return Err(GuestRamError::Empty);
+            }
+            if base.checked_add(size - 1).is_none() {
+                return Err(GuestRamError::Wraps { base, size });
+            }
+        }
+        for pair in sorted.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            // `a.0 + a.1 - 1` cannot overflow: checked above.
+            if b.0 <= a.0 + (a.1 - 1) {
+                return Err(GuestRamError::Overlap { first: a.0, second: b.0 });
+            }
+        }
+        Ok(())
+    }
+
+    /// The `(base, size)` of each region, in address order.
+    pub fn regions(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.regions.iter().map(|r| (r.base, r.len))
+    }
+
+    /// The region holding `addr`, if any.
+    #[inline]
+    fn region_of(&self, addr: u64) -> Option<&Region> {
+        let r = if self.regions.len() == 1 {
+            &self.regions[0]
+        } else {
+            let i = self.regions.partition_point(|r| r.base <= addr);
+            self.regions.get(i.checked_sub(1)?)?
+        };
+        // `addr - base < len` means inside; `wrapping_sub` also rejects
+        // `addr < base` because it wraps to a huge value.
+        (addr.wrapping_sub(r.base) < r.len).then_some(r)
+    }
+
+    /// Calls `f(host_ptr, offset_in_access, n)` for each piece of
+    /// `[addr, addr + len)` after checking the whole range.
+    #[inline]
+    fn for_each_piece(
+        &self,
+        addr: u64,
+        len: u64,
+        mut f: impl FnMut(NonNull<u8>, usize, usize),
+    ) -> Result<(), MemoryError> {
+        self.check(addr, len)?;
+        let mut done = 0u64;
+        while done < len {
+            let at = addr + done;
+            let r = self.region_of(at).ok_or(MemoryError::OutOfBounds { addr, len })?;
+            let off = at - r.base;
+            let n = (r.len - off).min(len - done);
+            // Region sizes fit in `usize` (they were allocated or mapped),
+            // so offsets and lengths inside one do too.
+            let (off, n_us) = (off as usize, n as usize);
+            // SAFETY: `off < r.len`, and the region is valid for `r.len`
+            // bytes from `r.ptr`, so the offset pointer stays in bounds.
+            let p = unsafe { r.ptr.add(off) };
+            f(p, done as usize, n_us);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        for r in &self.regions {
+            if let Some(layout) = r.owned {
+                // SAFETY: the region was allocated in `with_regions` with this
+                // very layout and is freed exactly once, here.
+                unsafe { alloc::alloc::dealloc(r.ptr.as_ptr(), layout) };
+            }
+        }
+    }
+}
+
+impl GuestMemory for GuestRam {
+    #[inline]
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let dst = buf.as_mut_ptr();
+        self.for_each_piece(addr, buf.len() as u64, |src, at, n| {
+            // SAFETY: `src` is valid for `n` bytes (checked by
+            // `for_each_piece`); `dst + at .. + n` lies inside `buf`; host
+            // buffers never overlap guest RAM we own or were lent.
+            unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(at), n) };
+        })
+    }
+
+    #[inline]
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let src = data.as_ptr();
+        self.for_each_piece(addr, data.len() as u64, |dst, at, n| {
+            // SAFETY: as in `read`, with the roles swapped.
+            unsafe { core::ptr::copy_nonoverlapping(src.add(at), dst.as_ptr(), n) };
+        })
+    }
+
+    #[inline]
+    fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let last = addr.checked_add(len - 1).ok_or(MemoryError::Overflow { addr, len })?;
+        let oob = MemoryError::OutOfBounds { addr, len };
+        let mut r = self.region_of(addr).ok_or(oob)?;
+        // Walk adjacent regions until one holds `last`.
+        loop {
+            let r_last = r.base + (r.len - 1);
+            if last <= r_last {
+                return Ok(());
+            }
+            r = self.region_of(r_last + 1).ok_or(oob)?;
+        }
+    }
+
+    #[inline]
+    fn load_u16(&self, addr: u64, order: Ordering) -> Result<u16, MemoryError> {
+        match self.atomic_u16(addr) {
+            // SAFETY: `atomic_u16` returned an aligned pointer into guest RAM
+            // valid for 2 bytes; every concurrent access to ring indices in
+            // this process goes through atomics too.
+            Some(p) => Ok(u16::from_le(unsafe { AtomicU16::from_ptr(p) }.load(order))),
+            None => {
+                let mut b = [0; 2];
+                self.read(addr, &mut b)?;
+                if order != Ordering::Relaxed {
+                    // See the trait's default.
+                    fence(Ordering::Acquire);
+                }
+                Ok(u16::from_le_bytes(b))
+            }
+        }
+    }
+
+    #[inline]
+    fn store_u16(&self, addr: u64, value: u16, order: Ordering) -> Result<(), MemoryError> {
+        match self.atomic_u16(addr) {
+            Some(p) => {
+                // SAFETY: as in `load_u16`.
+                unsafe { AtomicU16::from_ptr(p) }.store(value.to_le(), order);
+                Ok(())
+            }
+            None => {
+                if order != Ordering::Relaxed {
+                    // See the trait's default.
+                    fence(Ordering::Release);
+                }
+                self.write(addr, &value.to_le_bytes())
+            }
+        }
+    }
+
+    fn host_ptr(&self, addr: u64, len: u64) -> Result<NonNull<u8>, MemoryError> {
+        self.check(addr, len)?;
+        let r = self.region_of(addr).ok_or(MemoryError::OutOfBounds { addr, len })?;
+        if len > r.len - (addr - r.base) {
+            return Err(MemoryError::NotContiguous { addr, len });
+        }
+        // SAFETY: `addr - base < len` of the region, as `region_of` checked.
+        Ok(unsafe { r.ptr.add((addr - r.base) as usize) })
+    }
+}
+
+impl GuestRam {
+    /// The host address of the `u16` at `addr` when it is aligned and inside
+    /// one region (always the case for validated ring fields).
+    #[inline]
+    fn atomic_u16(&self, addr: u64) -> Option<*mut u16> {
+        let r = self.region_of(addr)?;
+        let off = addr - r.base;
+        if r.len - off < 2 {
+            return None;
+        }
+        // SAFETY: `off + 2 <= len`, so the pointer stays inside the region.
+        let p = unsafe { r.ptr.as_ptr().add(off as usize) };
+        p.cast::<u16>().is_aligned().then_some(p.cast())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_at_region_edges() {
+        let ram = GuestRam::new(0x1000, 0x1000).unwrap();
+        assert!(ram.check(0x1000, 0x1000).is_ok());
+        assert!(ram.check(0x1fff, 1).is_ok());
+        assert_eq!(ram.check(0x1fff, 2), Err(MemoryError::OutOfBounds { addr: 0x1fff, len: 2 }));
+        assert_eq!(ram.check(0xfff, 1), Err(MemoryError::OutOfBounds { addr: 0xfff, len: 1 }));
+        assert_eq!(ram.check(u64::MAX, 2), Err(MemoryError::Overflow { addr: u64::MAX, len: 2 }));
+        let mut b = [0u8; 4];
+        assert!(ram.read(0x1ffd, &mut b).is_err());
+        assert!(ram.write(0x2000, &b).is_err());
+        // A zero-length access anywhere touches nothing and is fine.
+        assert!(ram.read(u64::MAX, &mut []).is_ok());
+    }
+
+    #[test]
+    fn region_at_top_of_address_space() {
+        let ram = GuestRam::new(u64::MAX - 0xfff, 0x1000).unwrap();
+        ram.write_u16(u64::MAX - 1, 0xabcd).unwrap();
+        assert_eq!(ram.read_u16(u64::MAX - 1).unwrap(), 0xabcd);
+        assert!(ram.read_u16(u64::MAX).is_err());
+        assert!(GuestRam::new(u64::MAX - 0xfff, 0x1001).is_err());
+    }
+
+    #[test]
+    fn adjacent_regions_join_holes_do_not() {
+        let ram =
+            GuestRam::with_regions(&[(0x2000, 0x1000), (0x1000, 0x1000), (0x4000, 0x100)]).unwrap();
+        ram.write_u64(0x1ffc, 0x1122_3344_5566_7788).unwrap();
+        assert_eq!(ram.read_u64(0x1ffc).unwrap(), 0x1122_3344_5566_7788);
+        assert_eq!(ram.read_u8_pair(0x2000), [0x44, 0x33]);
+        assert!(ram.check(0x2ffc, 8).is_err(), "runs into the hole at 0x3000");
+        assert!(ram.write_u64(0x3ffc, 1).is_err());
+        assert_eq!(ram.read_u32(0x3ffc), Err(MemoryError::OutOfBounds { addr: 0x3ffc, len: 4 }));
+        assert!(matches!(ram.host_ptr(0x1ffc, 8), Err(MemoryError::NotContiguous { .. })));
+        assert!(ram.host_ptr(0x1000, 0x1000).is_ok());
+    }
+
+    #[test]
+    fn construction_errors() {
+        assert_eq!(GuestRam::with_regions(&[]).unwrap_err(), GuestRamError::Empty);
+        assert_eq!(GuestRam::new(0, 0).unwrap_err(), GuestRamError::Empty);
+        assert_eq!(
+            GuestRam::with_regions(&[(0x1000, 0x1000), (0x1fff, 0x10)]).unwrap_err(),
+            GuestRamError::Overlap { first: 0x1000, second: 0x1fff }
+        );
+    }
+
+    #[test]
+    fn atomics_and_fill() {
+        let ram = GuestRam::new(0, 0x100).unwrap();
+        ram.store_u16(0x10, 0x1234, Ordering::Release).unwrap();
+        assert_eq!(ram.load_u16(0x10, Ordering::Acquire).unwrap(), 0x1234);
+        // Misaligned falls back to copies and still works.
+        ram.store_u16(0x21, 0x5678, Ordering::Release).unwrap();
+        assert_eq!(ram.load_u16(0x21, Ordering::Acquire).unwrap(), 0x5678);
+        ram.fill(0x40, 0x40, 0xaa).unwrap();
+        assert_eq!(ram.read_u32(0x7c).unwrap(), 0xaaaa_aaaa);
+        assert_eq!(ram.read_u8_pair(0x80), [0, 0]);
+        assert!(ram.fill(0xf0, 0x11, 1).is_err());
+        assert_eq!(ram.read_u8_pair(0xf0), [0, 0], "a refused fill writes nothing");
+    }
+
+    impl GuestRam {
+        fn read_u8_pair(&self, addr: u64) -> [u8; 2] {
+            let mut b = [0; 2];
+            self.read(addr, &mut b).unwrap();
+            b
+        }
+    }
+}
