@@ -9,7 +9,14 @@
 //!
 //! ```sh
 //! cargo run --release --example hotplug_storm -- [--seconds N] [--devices N] [--vcpus N]
+//! cargo run --release --features config --example hotplug_storm -- --config examples/vm.toml
 //! ```
+//!
+//! With `--config`, the VM's devices are built from the TOML file by a
+//! `DeviceManager` whose MMIO bus also carries the storm; every vCPU also
+//! dispatches to each configured device on its own bus, and the hot-plug
+//! thread regularly removes one configured device by name and adds it back
+//! from its configuration.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -18,7 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmio::{Access, Device, DeviceError, DeviceId, Edit, IoBus, IoRange, Mmio, Unplug, Width};
+use vmio::{
+    Access, AccessError, Device, DeviceConfig, DeviceError, DeviceId, DeviceManager, Edit, IoBus,
+    IoRange, Mmio, Space, Unplug, Width,
+};
 
 const BASE: u64 = 0xd000_0000;
 const SLOT: u64 = 0x1000;
@@ -33,11 +43,12 @@ struct Options {
     seconds: f64,
     devices: u64,
     vcpus: usize,
+    config: Option<String>,
 }
 
 fn parse_args() -> Result<Options, String> {
     let cores = thread::available_parallelism().map_or(2, usize::from);
-    let mut o = Options { seconds: 3.0, devices: 256, vcpus: cores };
+    let mut o = Options { seconds: 3.0, devices: 256, vcpus: cores, config: None };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -45,8 +56,11 @@ fn parse_args() -> Result<Options, String> {
             "--seconds" => o.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?,
             "--devices" => o.devices = value()?.parse().map_err(|e| format!("--devices: {e}"))?,
             "--vcpus" => o.vcpus = value()?.parse().map_err(|e| format!("--vcpus: {e}"))?,
+            "--config" => o.config = Some(value()?),
             "--help" | "-h" => {
-                return Err("usage: hotplug_storm [--seconds N] [--devices N] [--vcpus N]".into());
+                return Err("usage: hotplug_storm [--seconds N] [--devices N] [--vcpus N] \
+                            [--config VM.toml]"
+                    .into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -116,9 +130,72 @@ struct VcpuStats {
     unmapped: u64,
     misrouted: u64,
     histogram: Vec<u64>,
+    /// Accesses to configured devices: answered, unplugged at the time, refused.
+    vm_ok: u64,
+    vm_unplugged: u64,
+    vm_refused: u64,
+}
+
+/// The VM built from `--config` around the storm (no devices without it).
+struct Vm {
+    manager: DeviceManager,
+    /// The file's devices, to add back after a removal.
+    configs: Vec<DeviceConfig>,
+    /// Where each vCPU pokes each configured device: its bus and base.
+    targets: Vec<(Space, u64)>,
+    /// Bytes the VM's consoles wrote.
+    console_bytes: Arc<AtomicU64>,
+}
+
+impl Vm {
+    fn load(path: Option<&str>) -> Result<Vm, String> {
+        let console_bytes = Arc::new(AtomicU64::new(0));
+        let Some(path) = path else {
+            let manager = DeviceManager::new();
+            return Ok(Vm { manager, configs: Vec::new(), targets: Vec::new(), console_bytes });
+        };
+        #[cfg(not(feature = "config"))]
+        {
+            Err(format!("--config {path}: rebuild with `--features config` to read TOML"))
+        }
+        #[cfg(feature = "config")]
+        {
+            let vm = vmio::VmDeviceConfig::from_toml_file(path).map_err(|e| e.to_string())?;
+            let bytes = console_bytes.clone();
+            let manager = DeviceManager::builder()
+                .interrupts(Arc::new(vmio::RecordingController::new()))
+                .console(Arc::new(move |_: &str, b: &[u8]| {
+                    // Relaxed: a display counter.
+                    bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                }))
+                .build(&vm)
+                .map_err(|e| format!("{path}: {e}"))?;
+            let targets = manager.devices().iter().map(|d| (d.space, d.config.base)).collect();
+            Ok(Vm { manager, configs: vm.devices, targets, console_bytes })
+        }
+    }
+
+    /// One read of each configured device's first register.
+    fn poke(&self, io: &mut vmio::VcpuIo, s: &mut VcpuStats) {
+        for &(space, addr) in &self.targets {
+            let r = match space {
+                Space::Mmio => io.handle_mmio_read(addr, Width::U32).map(drop),
+                // Bases were validated against each bus's size at build.
+                Space::Pio => io.handle_port_read(addr as u16, Width::U8).map(drop),
+                Space::SysReg => io.handle_sysreg_read(addr as u32, Width::U8).map(drop),
+            };
+            match r {
+                Ok(()) => s.vm_ok += 1,
+                Err(AccessError::Unmapped { .. }) => s.vm_unplugged += 1,
+                Err(AccessError::Straddles { .. }) => s.misrouted += 1,
+                Err(AccessError::Device { .. }) => s.vm_refused += 1,
+            }
+        }
+    }
 }
 
 fn vcpu_loop(
+    vm: &Vm,
     bus: &IoBus<Mmio>,
     vcpu: u32,
     slots: u64,
@@ -126,8 +203,16 @@ fn vcpu_loop(
     progress: &AtomicU64,
 ) -> VcpuStats {
     let mut h = bus.handle(vcpu);
-    let mut s =
-        VcpuStats { dispatches: 0, unmapped: 0, misrouted: 0, histogram: vec![0; BUCKETS + 1] };
+    let mut io = vm.manager.vcpu(vcpu);
+    let mut s = VcpuStats {
+        dispatches: 0,
+        unmapped: 0,
+        misrouted: 0,
+        histogram: vec![0; BUCKETS + 1],
+        vm_ok: 0,
+        vm_unplugged: 0,
+        vm_refused: 0,
+    };
     let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ (u64::from(vcpu) << 17 | 1);
     let widths = [Width::U8, Width::U16, Width::U32, Width::U64];
     // Relaxed: `stop` is a plain flag; nothing is published through it.
@@ -163,6 +248,7 @@ fn vcpu_loop(
             }
             s.dispatches += 1;
         }
+        vm.poke(&mut io, &mut s);
         // Relaxed: a progress counter for display only.
         progress.fetch_add(256, Ordering::Relaxed);
     }
@@ -190,7 +276,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let bus = IoBus::<Mmio>::new();
+    let vm = match Vm::load(opts.config.as_deref()) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The storm shares the VM's MMIO bus (an empty one without `--config`).
+    let bus = vm.manager.mmio().clone();
     let violations = Arc::new(AtomicU64::new(0));
     let mut next_tag = 0u64;
     let mut new_dev = |start: u64| {
@@ -207,6 +301,18 @@ fn main() -> ExitCode {
     // Three quarters of the slots are populated at start.
     let slots = opts.devices * 4 / 3;
     let range = |slot: u64| IoRange::<Mmio>::new(BASE + slot * SLOT, SLOT).expect("slot fits");
+    let storm_last = BASE + slots * SLOT - 1;
+    if let Some(d) = vm.manager.devices().iter().find(|d| {
+        d.space == Space::Mmio
+            && d.config.base <= storm_last
+            && BASE < d.config.base + d.config.length
+    }) {
+        eprintln!(
+            "device `{}` overlaps the storm's window {BASE:#x}..={storm_last:#x}",
+            d.config.name
+        );
+        return ExitCode::from(2);
+    }
     let mut state: Vec<SlotState> = Vec::new();
     for slot in 0..slots {
         if slot % 4 == 3 {
@@ -221,10 +327,14 @@ fn main() -> ExitCode {
     println!(
         "hotplug_storm: {} vCPU threads, {} devices in {} slots, {:.1} s",
         opts.vcpus,
-        bus.len(),
+        bus.len() - vm.targets.iter().filter(|t| t.0 == Space::Mmio).count(),
         slots,
         opts.seconds
     );
+    if let Some(path) = &opts.config {
+        println!("VM from {path}: {} configured devices", vm.configs.len());
+    }
+    let mut replugs = 0u64;
     let stop = AtomicBool::new(false);
     let progress = AtomicU64::new(0);
     let edits = AtomicU64::new(0);
@@ -235,7 +345,8 @@ fn main() -> ExitCode {
         let vcpus: Vec<_> = (0..opts.vcpus)
             .map(|v| {
                 let (bus, stop, progress) = (&bus, &stop, &progress);
-                s.spawn(move || vcpu_loop(bus, v as u32, slots, stop, progress))
+                let vm = &vm;
+                s.spawn(move || vcpu_loop(vm, bus, v as u32, slots, stop, progress))
             })
             .collect();
 
@@ -243,10 +354,22 @@ fn main() -> ExitCode {
         let mut last_print = start;
         let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
         let run_for = Duration::from_secs_f64(opts.seconds);
+        let mut tick = 0u64;
         while start.elapsed() < run_for {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
+            tick += 1;
+            if !vm.configs.is_empty() && tick.is_multiple_of(256) {
+                // Unplug one configured device by name, wait until no vCPU
+                // is inside it, and plug it back from its configuration.
+                let cfg = &vm.configs[replugs as usize % vm.configs.len()];
+                let unplug =
+                    vm.manager.remove(&cfg.name).expect("configured devices keep their names");
+                unplug.wait().expect("the hot-plug thread is not inside a dispatch");
+                vm.manager.add(cfg.clone()).expect("the device's range is still free");
+                replugs += 1;
+            }
             let slot = (rng >> 8) % slots;
             let op = rng % 3;
             let i = slot as usize;
@@ -356,6 +479,17 @@ fn main() -> ExitCode {
         "hot-plug edits/s: {:.0} ({edits} edits, {retired_devices} unplugs completed)",
         edits as f64 / secs
     );
+    if opts.config.is_some() {
+        let sum = |f: fn(&VcpuStats) -> u64| vcpu_stats.iter().map(f).sum::<u64>();
+        println!(
+            "configured devices: {} accesses answered, {} while unplugged, {} refused; \
+             {replugs} remove/add cycles by name; {} console bytes",
+            sum(|s| s.vm_ok),
+            sum(|s| s.vm_unplugged),
+            sum(|s| s.vm_refused),
+            vm.console_bytes.load(Ordering::Relaxed)
+        );
+    }
 
     let device_violations = violations.load(Ordering::Relaxed);
     let misrouted: u64 = vcpu_stats.iter().map(|s| s.misrouted).sum();
