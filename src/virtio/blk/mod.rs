@@ -1,6 +1,7 @@
 //! A virtio-blk device.
 
 mod backend;
+mod request;
 
 #[cfg(all(feature = "std", unix))]
 pub use backend::FileDisk;
