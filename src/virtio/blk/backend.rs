@@ -23,8 +23,9 @@ pub const SECTOR_SIZE: u64 = 512;
 pub struct BackendFeatures {
     /// Writes are refused; the device offers `VIRTIO_BLK_F_RO`.
     pub read_only: bool,
-    /// [`BlockBackend::flush`] makes completed writes durable (rather than
-    /// being a no-op because nothing is ever cached).
+    /// [`BlockBackend::flush`] makes every completed write durable (a
+    /// backend without a cache implements it as a no-op), so the device may
+    /// offer `VIRTIO_BLK_F_FLUSH` and `VIRTIO_BLK_F_CONFIG_WCE`.
     pub flush: bool,
     /// [`BlockBackend::discard`] is implemented.
     pub discard: bool,
@@ -138,6 +139,32 @@ pub trait BlockBackend: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
         let _ = (offset, len, unmap);
         Err(BackendError::Unsupported)
+    }
+}
+
+/// A shared backend: several devices (or a device and the VMM's own
+/// inspection) may hold the same disk.
+impl<B: BlockBackend + ?Sized> BlockBackend for alloc::sync::Arc<B> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn features(&self) -> BackendFeatures {
+        (**self).features()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
+        (**self).write_at(offset, buf)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
+        (**self).write_zeroes(offset, len, unmap)
     }
 }
 
@@ -276,8 +303,8 @@ impl BlockBackend for RamDisk {
         BackendFeatures {
             read_only: self.read_only,
             // Nothing is cached: every completed write is already as durable
-            // as memory gets, so there is nothing for the driver to flush.
-            flush: false,
+            // as memory gets, so flushing is trivially correct.
+            flush: true,
             discard: true,
             write_zeroes: true,
             write_zeroes_unmap: true,
