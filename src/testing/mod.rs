@@ -4,8 +4,21 @@
 //! - [`GuestQueue`]: the driver half of a split virtqueue in guest memory —
 //!   direct and indirect chains, publishing, reaping the used ring, plus raw
 //!   writers for building malformed rings.
+//! - [`MmioDriver`]: brings a device up through its virtio-mmio registers in
+//!   the order Linux does (or with ACKNOWLEDGE | DRIVER in one write), sets up
+//!   queues, notifies, acknowledges interrupts, reads config space; over a
+//!   [`Device`](crate::Device) directly ([`DirectIo`]) or through a bus
+//!   ([`BusIo`]).
+//! - [`EchoDevice`]: a minimal multi-queue [`VirtioDevice`](crate::virtio::VirtioDevice)
+//!   with one lock per queue, for testing transports.
 //! - [`GuestAlloc`]: a bump allocator for buffers in guest memory.
 
+mod echo;
+mod mmio;
 mod queue;
 
+pub use echo::{ECHO_CONFIG_LEN, ECHO_DEVICE_TYPE, EchoDevice};
+#[cfg(feature = "std")]
+pub use mmio::BusIo;
+pub use mmio::{DirectIo, InitOptions, MmioDriver, RegisterIo};
 pub use queue::{Buf, DriverError, GuestAlloc, GuestQueue, write_desc_at};

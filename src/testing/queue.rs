@@ -42,6 +42,11 @@ pub enum DriverError {
     NoDescriptors,
     /// Guest memory refused an access.
     Memory(MemoryError),
+    /// The device refused a register access.
+    Register {
+        /// Offset of the register from the device's base.
+        offset: u64,
+    },
     /// The device did not behave as the driver expected.
     Device(&'static str),
 }
@@ -51,6 +56,7 @@ impl fmt::Display for DriverError {
         match self {
             DriverError::NoDescriptors => f.write_str("no free descriptors"),
             DriverError::Memory(e) => write!(f, "guest memory: {e}"),
+            DriverError::Register { offset } => write!(f, "register access at {offset:#x} refused"),
             DriverError::Device(why) => write!(f, "device misbehaved: {why}"),
         }
     }

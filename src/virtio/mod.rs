@@ -25,6 +25,7 @@
 pub mod blk;
 pub mod irq;
 pub mod memory;
+pub mod mmio;
 pub mod queue;
 
 use alloc::sync::Arc;
@@ -36,6 +37,7 @@ pub use irq::{
     IrqLine, RecordingIrq, Trigger,
 };
 pub use memory::{GuestMemory, GuestRam, GuestRamError, MemoryError};
+pub use mmio::MmioTransport;
 pub use queue::{
     Chain, ChainError, DEFAULT_SEGMENTS, DescriptorChain, MAX_QUEUE_SIZE, PopError, QueueArea,
     QueueConfig, QueueError, Segment, SplitQueue,
