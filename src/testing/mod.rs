@@ -11,13 +11,17 @@
 //!   ([`BusIo`]).
 //! - [`EchoDevice`]: a minimal multi-queue [`VirtioDevice`](crate::virtio::VirtioDevice)
 //!   with one lock per queue, for testing transports.
+//! - [`Hostile`]: builders for every malformed ring, each with the outcome a
+//!   correct device must show ([`Expect`]).
 //! - [`GuestAlloc`]: a bump allocator for buffers in guest memory.
 
 mod echo;
+mod hostile;
 mod mmio;
 mod queue;
 
 pub use echo::{ECHO_CONFIG_LEN, ECHO_DEVICE_TYPE, EchoDevice};
+pub use hostile::{Expect, Hostile, HostileEnv};
 #[cfg(feature = "std")]
 pub use mmio::BusIo;
 pub use mmio::{DirectIo, InitOptions, MmioDriver, RegisterIo};

@@ -172,6 +172,21 @@ impl GuestQueue {
         self.avail_idx
     }
 
+    /// Takes `n` free descriptors for a hand-built (possibly malformed)
+    /// chain whose head is the first of them: when the device returns that
+    /// head, [`pop_used`](Self::pop_used) frees all `n`.
+    ///
+    /// # Errors
+    /// [`DriverError::NoDescriptors`] when fewer than `n` (or 0) are free.
+    pub fn reserve(&mut self, n: usize) -> Result<Vec<u16>, DriverError> {
+        if n == 0 || n > self.free.len() {
+            return Err(DriverError::NoDescriptors);
+        }
+        let idx: Vec<u16> = (0..n).map(|_| self.free.pop().expect("counted")).collect();
+        self.chains[usize::from(idx[0])] = idx.clone();
+        Ok(idx)
+    }
+
     /// Writes one raw descriptor (any values, for adversarial tests).
     ///
     /// # Errors
