@@ -24,6 +24,7 @@ use crate::irq::IrqLine;
 pub type ConsoleSink = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
 
 /// What a kind constructor gets to build one device.
+#[non_exhaustive]
 pub struct BuildEnv<'a> {
     /// The device's configuration.
     pub config: &'a DeviceConfig,
