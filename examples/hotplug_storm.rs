@@ -162,7 +162,11 @@ impl Vm {
         {
             let vm = vmio::VmDeviceConfig::from_toml_file(path).map_err(|e| e.to_string())?;
             let bytes = console_bytes.clone();
+            // Guest RAM for the VM's DMA devices (virtio-blk rings and buffers).
+            let ram =
+                vmio::virtio::GuestRam::new(0x8000_0000, 16 << 20).map_err(|e| e.to_string())?;
             let manager = DeviceManager::builder()
+                .memory(Arc::new(ram))
                 .interrupts(Arc::new(vmio::RecordingController::new()))
                 .console(Arc::new(move |_: &str, b: &[u8]| {
                     // Relaxed: a display counter.
@@ -355,20 +359,30 @@ fn main() -> ExitCode {
         let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
         let run_for = Duration::from_secs_f64(opts.seconds);
         let mut tick = 0u64;
+        let mut replugging: Option<(&DeviceConfig, Unplug)> = None;
         while start.elapsed() < run_for {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
             tick += 1;
             if !vm.configs.is_empty() && tick.is_multiple_of(256) {
-                // Unplug one configured device by name, wait until no vCPU
-                // is inside it, and plug it back from its configuration.
-                let cfg = &vm.configs[replugs as usize % vm.configs.len()];
-                let unplug =
-                    vm.manager.remove(&cfg.name).expect("configured devices keep their names");
-                unplug.wait().expect("the hot-plug thread is not inside a dispatch");
-                vm.manager.add(cfg.clone()).expect("the device's range is still free");
-                replugs += 1;
+                // Unplug one configured device by name; once no vCPU can be
+                // inside it any more, plug it back from its configuration.
+                match replugging.take() {
+                    None => {
+                        let cfg = &vm.configs[replugs as usize % vm.configs.len()];
+                        let unplug = vm
+                            .manager
+                            .remove(&cfg.name)
+                            .expect("configured devices keep their names");
+                        replugging = Some((cfg, unplug));
+                    }
+                    Some((cfg, unplug)) if unplug.poll() => {
+                        vm.manager.add(cfg.clone()).expect("the device's range is still free");
+                        replugs += 1;
+                    }
+                    still_draining => replugging = still_draining,
+                }
             }
             let slot = (rng >> 8) % slots;
             let op = rng % 3;

@@ -441,6 +441,8 @@ pub enum ConfigErrorKind {
     },
     /// The device has an `irq` but the manager has no interrupt controller.
     NoInterruptController,
+    /// The kind does DMA but the manager was given no guest memory.
+    NoGuestMemory,
     /// The kind's constructor failed (a backend file could not be opened…).
     Failed(String),
 }
@@ -459,6 +461,9 @@ impl fmt::Display for ConfigError {
             ConfigErrorKind::IrqInUse { other } => write!(f, "line already used by `{other}`"),
             ConfigErrorKind::NoInterruptController => {
                 f.write_str("an interrupt line needs an interrupt controller")
+            }
+            ConfigErrorKind::NoGuestMemory => {
+                f.write_str("this kind needs the manager's guest memory")
             }
             ConfigErrorKind::Failed(why) => f.write_str(why),
         }

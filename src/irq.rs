@@ -1,13 +1,15 @@
-//! Interrupt lines as devices see them.
+//! Interrupt wiring: how a [`DeviceManager`](crate::DeviceManager) turns a
+//! device's configured `irq` into the [`IrqLine`] the device drives.
 
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::sync::Mutex;
+use crate::virtio::RecordingIrq;
 
 /// One guest interrupt line, implemented by the VMM (a GIC SPI, an IOAPIC
-/// pin, a PLIC source).
+/// pin, a PLIC source). Devices drive it directly (the UART) or through a
+/// transport's interrupt status (virtio-mmio).
 pub trait IrqLine: Send + Sync {
     /// Delivers one edge-triggered interrupt.
     fn pulse(&self);
@@ -21,60 +23,18 @@ pub trait IrqLine: Send + Sync {
     }
 }
 
-/// Records what a device did with its line, for tests.
-#[derive(Debug, Default)]
-pub struct RecordingInterrupt {
-    level: AtomicBool,
-    raised: AtomicU64,
-}
-
-impl RecordingInterrupt {
-    /// A line that is low and was never raised.
-    pub const fn new() -> Self {
-        RecordingInterrupt { level: AtomicBool::new(false), raised: AtomicU64::new(0) }
-    }
-
-    /// The current level.
-    pub fn level(&self) -> bool {
-        // Relaxed: a test observer; the device's own lock orders its writes.
-        self.level.load(Ordering::Relaxed)
-    }
-
-    /// How many low-to-high transitions and pulses happened.
-    pub fn raised(&self) -> u64 {
-        // Relaxed: as above.
-        self.raised.load(Ordering::Relaxed)
-    }
-}
-
-impl IrqLine for RecordingInterrupt {
-    fn pulse(&self) {
-        // Relaxed: a counter read after the fact.
-        self.raised.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn set_level(&self, level: bool) {
-        // Relaxed: only counts and the latest value are observed.
-        if level && !self.level.swap(level, Ordering::Relaxed) {
-            self.raised.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.level.store(level, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Hands out the line for an interrupt number: how a
-/// [`DeviceManager`](crate::DeviceManager) wires each device's `irq`.
+/// Hands out the line for an interrupt number: implemented by the VMM over
+/// its interrupt controller model (GIC, IOAPIC, PLIC).
 pub trait InterruptController: Send + Sync {
     /// The line for `irq`, or `None` when the controller has no such line.
     fn line(&self, irq: u32) -> Option<Arc<dyn IrqLine>>;
 }
 
-/// An [`InterruptController`] whose every line is a [`RecordingInterrupt`],
-/// for tests.
+/// An [`InterruptController`] whose every line is a [`RecordingIrq`], for
+/// tests.
 #[derive(Debug, Default)]
 pub struct RecordingController {
-    lines: Mutex<BTreeMap<u32, Arc<RecordingInterrupt>>>,
+    lines: Mutex<BTreeMap<u32, Arc<RecordingIrq>>>,
 }
 
 impl RecordingController {
@@ -84,7 +44,7 @@ impl RecordingController {
     }
 
     /// The recording behind line `irq` (created on first use).
-    pub fn recording(&self, irq: u32) -> Arc<RecordingInterrupt> {
+    pub fn recording(&self, irq: u32) -> Arc<RecordingIrq> {
         self.lines.lock().entry(irq).or_default().clone()
     }
 }

@@ -79,11 +79,11 @@ pub use bus::{Committed, DeviceId, Edit, IoBus, Unplug, VcpuHandle};
 pub use config::{ConfigError, ConfigErrorKind, DeviceConfig, ParamValue, Space, VmDeviceConfig};
 pub use device::{Access, Device, DeviceError, DeviceMut, Locked};
 pub use devices::{
-    BuildEnv, Built, ConsoleSink, Constructor, DeviceKinds, RX_CAPACITY, Reserved, Uart16550,
-    UartOutput,
+    BuildEnv, Built, ConsoleSink, Constructor, DeviceKinds, MAX_RAM_DISK, RX_CAPACITY, Reserved,
+    Uart16550, UartOutput, VirtioBlkMmio,
 };
 pub use error::{AccessError, BusError, RangeError, WaitError, WidthError};
-pub use irq::{InterruptController, IrqLine, RecordingController, RecordingInterrupt};
+pub use irq::{InterruptController, IrqLine, RecordingController};
 pub use manager::{
     DeviceInfo, DeviceManager, DeviceManagerBuilder, ManagerError, MissPolicy, VcpuIo,
 };

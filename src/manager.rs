@@ -26,6 +26,7 @@ use crate::devices::{BuildEnv, ConsoleSink, DeviceKinds};
 use crate::error::{AccessError, BusError};
 use crate::irq::InterruptController;
 use crate::sync::Mutex;
+use crate::virtio::GuestMemory;
 
 /// What an access nobody owns turns into. Only [`AccessError::Unmapped`] is
 /// a miss: an access that straddles a device's end, or that a device
@@ -217,6 +218,7 @@ pub struct DeviceManager {
     kinds: DeviceKinds,
     console: Option<ConsoleSink>,
     interrupts: Option<Arc<dyn InterruptController>>,
+    memory: Option<Arc<dyn GuestMemory>>,
     entries: Mutex<BTreeMap<String, Entry>>,
 }
 
@@ -242,6 +244,7 @@ pub struct DeviceManagerBuilder {
     kinds: Option<DeviceKinds>,
     console: Option<ConsoleSink>,
     interrupts: Option<Arc<dyn InterruptController>>,
+    memory: Option<Arc<dyn GuestMemory>>,
 }
 
 impl fmt::Debug for DeviceManagerBuilder {
@@ -281,6 +284,13 @@ impl DeviceManagerBuilder {
         self
     }
 
+    /// The guest's memory, handed to devices that do DMA (`virtio-blk`).
+    #[must_use]
+    pub fn memory(mut self, memory: Arc<dyn GuestMemory>) -> Self {
+        self.memory = Some(memory);
+        self
+    }
+
     /// A manager with no devices yet.
     pub fn build_empty(self) -> DeviceManager {
         let policies = Arc::new(Policies::default());
@@ -295,6 +305,7 @@ impl DeviceManagerBuilder {
             kinds: self.kinds.unwrap_or_default(),
             console: self.console,
             interrupts: self.interrupts,
+            memory: self.memory,
             entries: Mutex::new(BTreeMap::new()),
         }
     }
@@ -452,7 +463,12 @@ impl DeviceManager {
                     })?)
                 }
             };
-            let env = BuildEnv { config, interrupt, console: self.console.as_ref() };
+            let env = BuildEnv {
+                config,
+                interrupt,
+                console: self.console.as_ref(),
+                memory: self.memory.as_ref(),
+            };
             let (space, device, any) = self.kinds.build(&env)?.into_parts();
             let (start, last) = space.range(config.base, config.length).map_err(|e| {
                 let field = if config.length == 0 || config.base <= space.last() {

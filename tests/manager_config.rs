@@ -249,7 +249,7 @@ fn a_registry_without_built_ins_refuses_them() {
         panic!()
     };
     assert_eq!(e.kind, ConfigErrorKind::UnknownKind("uart16550".into()));
-    assert!(DeviceKinds::default().names().eq(["reserved", "uart16550"]));
+    assert!(DeviceKinds::default().names().eq(["reserved", "uart16550", "virtio-blk"]));
 }
 
 #[cfg(feature = "config")]

@@ -1,6 +1,7 @@
 //! Device kinds: the registry that turns a [`DeviceConfig`] into a device,
-//! and the kinds built in (`uart16550`, `reserved`).
+//! and the kinds built in (`uart16550`, `reserved`, `virtio-blk`).
 
+mod blk;
 mod reserved;
 mod uart;
 
@@ -12,12 +13,14 @@ use alloc::vec::Vec;
 use core::any::Any;
 use core::fmt;
 
+pub use blk::{MAX_RAM_DISK, VirtioBlkMmio};
 pub use reserved::Reserved;
 pub use uart::{RX_CAPACITY, Uart16550, UartOutput};
 
 use crate::config::{ConfigError, ConfigErrorKind, DeviceConfig, Space};
 use crate::device::Device;
 use crate::irq::IrqLine;
+use crate::virtio::GuestMemory;
 
 /// Receives what a configured console device (a `uart16550`) transmits:
 /// the device's name and the bytes.
@@ -33,6 +36,9 @@ pub struct BuildEnv<'a> {
     pub interrupt: Option<Arc<dyn IrqLine>>,
     /// The manager's console sink, if it has one.
     pub console: Option<&'a ConsoleSink>,
+    /// The guest's memory, for devices that do DMA (virtio), if the manager
+    /// was given it.
+    pub memory: Option<&'a Arc<dyn GuestMemory>>,
 }
 
 /// A device a kind constructor built, and the bus it goes on.
@@ -80,6 +86,7 @@ struct Kind {
 /// |---|---|---|
 /// | `uart16550` | `pio` (or `space = "mmio"`) | `space`, `reg_shift`, `output` (`"console"`, `"stdout"`, `"stderr"`, `"discard"`) |
 /// | `reserved` | `mmio` (or `space`) | `space`, `value` (read value, default all ones) |
+/// | `virtio-blk` | `mmio` (≥ 0x200 bytes, needs `irq` and the manager's guest memory) | `path` (disk image) or `ram_size` (bytes, ≤ [`MAX_RAM_DISK`]), `read_only`, `queues`, `queue_size`, `serial` (≤ 20 bytes), `trigger` (`"level"` or `"edge"`) |
 #[derive(Clone)]
 pub struct DeviceKinds {
     kinds: BTreeMap<String, Kind>,
@@ -90,6 +97,7 @@ impl Default for DeviceKinds {
         let mut k = DeviceKinds::empty();
         k.register("uart16550", &["space", "reg_shift", "output"], build_uart);
         k.register("reserved", &["space", "value"], build_reserved);
+        k.register("virtio-blk", blk::PARAMS, blk::build);
         k
     }
 }

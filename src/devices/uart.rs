@@ -336,16 +336,16 @@ mod tests {
 
     use super::*;
     use crate::addr::Width;
-    use crate::irq::RecordingInterrupt;
+    use crate::virtio::RecordingIrq;
 
     fn at(offset: u64) -> Access {
         Access { offset, addr: 0x3f8 + offset, width: Width::U8, vcpu: None }
     }
 
-    fn uart() -> (Uart16550, Arc<Mutex<Vec<u8>>>, Arc<RecordingInterrupt>) {
+    fn uart() -> (Uart16550, Arc<Mutex<Vec<u8>>>, Arc<RecordingIrq>) {
         let out = Arc::new(Mutex::new(Vec::new()));
         let sink = out.clone();
-        let irq = Arc::new(RecordingInterrupt::new());
+        let irq = Arc::new(RecordingIrq::new());
         let u =
             Uart16550::new(move |b| sink.lock().extend_from_slice(b)).with_interrupt(irq.clone());
         (u, out, irq)
