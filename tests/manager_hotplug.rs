@@ -60,7 +60,7 @@ impl Device for Tagged {
 
 #[test]
 fn add_move_remove_by_name_while_vcpus_dispatch() {
-    let edits = if cfg!(miri) { 40 } else { 3000 };
+    let edits = if cfg!(miri) { 40 } else { 800 };
     let violations = Arc::new(AtomicU64::new(0));
     let all: Arc<Mutex<Vec<Arc<Tagged>>>> = Arc::default();
     let mut kinds = DeviceKinds::default();
