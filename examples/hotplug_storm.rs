@@ -86,12 +86,16 @@ struct Storm {
 
 impl Storm {
     fn check(&self, a: Access) {
-        // Relaxed is enough: the writer changes `valid` and `retired` only
-        // before publishing or after a grace period, both of which order
-        // them against this call through the bus's epoch protocol.
+        // The writer changes `valid` and `retired` only before publishing or
+        // after a grace period, and the bus's epoch protocol orders those
+        // against this call. A settle (`[old, new]` -> `[new, NONE]`) can
+        // still race with this check, so it stores `valid[0]` first and
+        // `valid[1]` with Release, and we load `valid[1]` first with Acquire:
+        // whichever state we see, the start we were reached at is in it.
         self.calls.fetch_add(1, Ordering::Relaxed);
         let start = a.addr - a.offset;
-        let owned = self.valid.iter().any(|v| v.load(Ordering::Relaxed) == start);
+        let second = self.valid[1].load(Ordering::Acquire);
+        let owned = start == self.valid[0].load(Ordering::Relaxed) || start == second;
         if !owned || self.retired.load(Ordering::Relaxed) {
             self.violations.fetch_add(1, Ordering::Relaxed);
         }
@@ -431,7 +435,8 @@ fn main() -> ExitCode {
                         // the new one the only valid start (new first, so it
                         // is valid at every moment).
                         dev.valid[0].store(dev.valid[1].load(Ordering::Relaxed), Ordering::Relaxed);
-                        dev.valid[1].store(NONE, Ordering::Relaxed);
+                        // Release: pairs with the Acquire in `Storm::check`.
+                        dev.valid[1].store(NONE, Ordering::Release);
                     }
                     *st = SlotState::Empty;
                 }
