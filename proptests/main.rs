@@ -1,3 +1,4 @@
 //! Property tests: random operation sequences checked against simple models.
 
 mod bus_model;
+mod virtqueue;

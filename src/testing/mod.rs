@@ -13,12 +13,15 @@
 //!   with one lock per queue, for testing transports.
 //! - [`Hostile`]: builders for every malformed ring, each with the outcome a
 //!   correct device must show ([`Expect`]).
+//! - proptest strategies: [`chain`] (well-formed chains as [`ChainSpec`]),
+//!   [`queue_size`], [`garbage`] (ring bytes biased towards edge values).
 //! - [`GuestAlloc`]: a bump allocator for buffers in guest memory.
 
 mod echo;
 mod hostile;
 mod mmio;
 mod queue;
+mod strategies;
 
 pub use echo::{ECHO_CONFIG_LEN, ECHO_DEVICE_TYPE, EchoDevice};
 pub use hostile::{Expect, Hostile, HostileEnv};
@@ -26,3 +29,4 @@ pub use hostile::{Expect, Hostile, HostileEnv};
 pub use mmio::BusIo;
 pub use mmio::{DirectIo, InitOptions, MmioDriver, RegisterIo};
 pub use queue::{Buf, DriverError, GuestAlloc, GuestQueue, write_desc_at};
+pub use strategies::{ChainSpec, chain, garbage, queue_size};
