@@ -432,6 +432,17 @@ impl GuestRam {
         len: u64,
         mut f: impl FnMut(NonNull<u8>, usize, usize),
     ) -> Result<(), MemoryError> {
+        // Fast path: the whole access inside the region holding `addr` (ring
+        // fields, descriptors, almost every buffer).
+        if let Some(r) = self.region_of(addr) {
+            let off = addr - r.base;
+            if len <= r.len - off {
+                // SAFETY: `off + len <= r.len`: in bounds of the region.
+                let p = unsafe { r.ptr.add(off as usize) };
+                f(p, 0, len as usize);
+                return Ok(());
+            }
+        }
         self.check(addr, len)?;
         let mut done = 0u64;
         while done < len {

@@ -6,6 +6,8 @@
 //! [`pop`](SplitQueue::pop)s descriptor chains — validated in full and copied
 //! into a fixed-capacity scatter-gather list ([`DescriptorChain`]), so no
 //! request allocates — and [`push`](SplitQueue::push)es them back used.
+//! Hot device loops use [`pop_into`](SplitQueue::pop_into), which refills
+//! one chain in place instead of moving a fresh one out each time.
 //! [`needs_interrupt`](SplitQueue::needs_interrupt) and
 //! [`enable_notification`](SplitQueue::enable_notification) implement
 //! VIRTIO_F_EVENT_IDX in both directions.
@@ -371,7 +373,31 @@ pub struct DescriptorChain<const N: usize = DEFAULT_SEGMENTS> {
 /// The chain type [`SplitQueue::pop`] returns.
 pub type Chain = DescriptorChain<DEFAULT_SEGMENTS>;
 
+impl<const N: usize> Default for DescriptorChain<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<const N: usize> DescriptorChain<N> {
+    /// An empty chain, to be filled by [`SplitQueue::pop_into`].
+    pub const fn new() -> Self {
+        DescriptorChain {
+            head: 0,
+            segments: ArrayVec::new_const(),
+            first_writable: 0,
+            readable_len: 0,
+            writable_len: 0,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.segments.clear();
+        self.first_writable = 0;
+        self.readable_len = 0;
+        self.writable_len = 0;
+    }
+
     /// The head descriptor index: what goes back in the used ring.
     pub fn head(&self) -> u16 {
         self.head
@@ -649,10 +675,27 @@ impl SplitQueue {
     ///
     /// # Errors
     /// As for [`pop`](Self::pop).
+    #[inline]
     pub fn pop_sized<const N: usize, M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
     ) -> Result<Option<DescriptorChain<N>>, PopError> {
+        let mut chain = DescriptorChain::new();
+        Ok(self.pop_into(mem, &mut chain)?.then_some(chain))
+    }
+
+    /// Pops the next available chain into `chain`, reusing its storage (the
+    /// allocation-free, copy-free form for device loops); `Ok(false)` when
+    /// the ring is empty. `chain` is overwritten in every case.
+    ///
+    /// # Errors
+    /// As for [`pop`](Self::pop).
+    pub fn pop_into<const N: usize, M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        chain: &mut DescriptorChain<N>,
+    ) -> Result<bool, PopError> {
+        chain.clear();
         if self.broken {
             return Err(QueueError::Broken.into());
         }
@@ -664,7 +707,7 @@ impl SplitQueue {
                 fence(Ordering::SeqCst);
             }
             if self.refresh_avail(mem)? == 0 {
-                return Ok(None);
+                return Ok(false);
             }
         }
         let slot = self.avail_entry(self.next_avail);
@@ -686,7 +729,15 @@ impl SplitQueue {
             mem.store_u16(self.avail_event_addr(), self.next_avail, Ordering::Relaxed)
                 .map_err(|e| self.fail(QueueError::Memory(e)))?;
         }
-        self.read_chain(mem, head).map(Some).map_err(|error| PopError::Chain { head, error })
+        chain.head = head;
+        match self.read_chain(mem, chain) {
+            Ok(()) => Ok(true),
+            Err(error) => {
+                chain.clear();
+                chain.head = head;
+                Err(PopError::Chain { head, error })
+            }
+        }
     }
 
     /// Pops up to `out`'s spare capacity of chains, reading `avail.idx` once.
@@ -716,20 +767,13 @@ impl SplitQueue {
     fn read_chain<const N: usize, M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
-        head: u16,
-    ) -> Result<DescriptorChain<N>, ChainError> {
-        let mut chain = DescriptorChain {
-            head,
-            segments: ArrayVec::new(),
-            first_writable: 0,
-            readable_len: 0,
-            writable_len: 0,
-        };
+        chain: &mut DescriptorChain<N>,
+    ) -> Result<(), ChainError> {
         let mut table = self.desc_table;
         let mut table_len = u32::from(self.size);
         // Descriptors we may still visit in this table: more means a loop.
         let mut ttl = table_len;
-        let mut index = head;
+        let mut index = chain.head;
         let mut in_indirect = false;
         let mut total: u64 = 0;
         let mut writable_seen = false;
@@ -800,7 +844,7 @@ impl SplitQueue {
         if !writable_seen {
             chain.first_writable = chain.segments.len();
         }
-        Ok(chain)
+        Ok(())
     }
 
     /// Writes one used element without publishing it.
