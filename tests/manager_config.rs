@@ -268,3 +268,76 @@ fn example_toml_file_builds_and_bad_files_are_named() {
     let Err(ManagerError::Config(e)) = DeviceManager::from_config(&vm) else { panic!() };
     assert_eq!((e.device.as_str(), e.field.as_str()), ("com2", "base"));
 }
+
+mod batches {
+    //! Random batches against a model: a batch is placed whole or not at all.
+
+    use proptest::prelude::*;
+
+    use super::{DeviceConfig, ManagerError, bus_lens, manager};
+
+    fn arb_config() -> impl Strategy<Value = DeviceConfig> {
+        (
+            0u8..6,
+            prop::sample::select(vec!["reserved", "uart16550", "counter", "nope"]),
+            0u64..0x40,
+            prop::sample::select(vec![0u64, 1, 4, 8, 0x10, 0x100]),
+            prop::option::of(0u32..6),
+            prop::sample::select(vec!["mmio", "pio", "sysreg", "dma"]),
+        )
+            .prop_map(|(n, kind, slot, length, irq, space)| {
+                let mut c = DeviceConfig::new(format!("d{n}"), kind, slot * 8, length)
+                    .with_param("space", space);
+                c.irq = irq;
+                match kind {
+                    "uart16550" => c.with_param("output", "discard"),
+                    "counter" => c.with_param("step", 1u64),
+                    _ => c,
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 8 } else { 256 }))]
+
+        #[test]
+        fn batches_are_all_or_nothing(
+            first in prop::collection::vec(arb_config(), 0..5),
+            second in prop::collection::vec(arb_config(), 0..5),
+        ) {
+            let m = manager();
+            for batch in [first, second] {
+                let before = m.devices();
+                let lens = bus_lens(&m);
+                match m.add_all(&batch) {
+                    Ok(()) => {
+                        prop_assert_eq!(m.devices().len(), before.len() + batch.len());
+                        let added = bus_lens(&m).iter().sum::<usize>() - lens.iter().sum::<usize>();
+                        prop_assert_eq!(added, batch.len());
+                        for c in &batch {
+                            prop_assert!(m.info(&c.name).is_some());
+                        }
+                    }
+                    Err(ManagerError::Config(e)) => {
+                        prop_assert!(batch.iter().any(|c| c.name == e.device), "{}", e);
+                        prop_assert_eq!(m.devices(), before);
+                        prop_assert_eq!(bus_lens(&m), lens);
+                    }
+                    Err(other) => prop_assert!(false, "unexpected {}", other),
+                }
+            }
+            // Whatever was placed never overlaps, and IRQs are unique.
+            let all = m.devices();
+            for (i, a) in all.iter().enumerate() {
+                for b in &all[i + 1..] {
+                    if a.space == b.space {
+                        let (a0, a1) = (a.config.base, a.config.base + a.config.length - 1);
+                        let (b0, b1) = (b.config.base, b.config.base + b.config.length - 1);
+                        prop_assert!(a1 < b0 || b1 < a0, "{:?} overlaps {:?}", a, b);
+                    }
+                    prop_assert!(a.config.irq.is_none() || a.config.irq != b.config.irq);
+                }
+            }
+        }
+    }
+}
