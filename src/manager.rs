@@ -23,8 +23,8 @@ use crate::bus::{DeviceId, Edit, IoBus, Unplug, VcpuHandle};
 use crate::config::{ConfigError, ConfigErrorKind, DeviceConfig, Space, VmDeviceConfig};
 use crate::device::Device;
 use crate::devices::{BuildEnv, ConsoleSink, DeviceKinds};
-use crate::error::{AccessError, BusError};
-use crate::irq::InterruptController;
+use crate::error::{AccessError, BusError, WaitError};
+use crate::irq::{InterruptController, IrqLine};
 use crate::sync::Mutex;
 use crate::virtio::GuestMemory;
 
@@ -137,6 +137,8 @@ pub enum ManagerError {
     Config(ConfigError),
     /// No device has this name.
     NoSuchDevice(String),
+    /// Waiting for an unplug was impossible: the caller is inside a dispatch.
+    Wait(WaitError),
     /// A bus refused an edit that the manager's own checks let through
     /// (a device registered directly on the bus is in the way).
     Bus {
@@ -152,6 +154,7 @@ impl fmt::Display for ManagerError {
         match self {
             ManagerError::Config(e) => e.fmt(f),
             ManagerError::NoSuchDevice(name) => write!(f, "no device named `{name}`"),
+            ManagerError::Wait(e) => e.fmt(f),
             ManagerError::Bus { device, error } => write!(f, "device `{device}`: {error}"),
         }
     }
@@ -175,9 +178,14 @@ pub struct DeviceInfo {
     pub id: DeviceId,
 }
 
+/// A removed device's interrupt number and line, kept until it is lowered.
+type ReservedLine = (u32, Arc<dyn IrqLine>);
+
 struct Entry {
     info: DeviceInfo,
     any: Arc<dyn Any + Send + Sync>,
+    /// The device's interrupt line, lowered by [`DeviceManager::remove_and_wait`].
+    line: Option<Arc<dyn IrqLine>>,
 }
 
 /// A VM's device set: one [`IoBus`] per address space, devices known by
@@ -220,6 +228,10 @@ pub struct DeviceManager {
     interrupts: Option<Arc<dyn InterruptController>>,
     memory: Option<Arc<dyn GuestMemory>>,
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// Lines of devices being removed by `remove_and_wait`, still reserved
+    /// until their grace period ends and the line is lowered, with the
+    /// device's name. Lock order: `entries`, then this.
+    draining: Mutex<BTreeMap<u32, String>>,
 }
 
 impl fmt::Debug for DeviceManager {
@@ -307,6 +319,7 @@ impl DeviceManagerBuilder {
             interrupts: self.interrupts,
             memory: self.memory,
             entries: Mutex::new(BTreeMap::new()),
+            draining: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -329,6 +342,7 @@ struct Pending<'a> {
     last: u64,
     device: Arc<dyn Device>,
     any: Arc<dyn Any + Send + Sync>,
+    line: Option<Arc<dyn IrqLine>>,
 }
 
 impl DeviceManager {
@@ -443,9 +457,10 @@ impl DeviceManager {
                         .values()
                         .map(|e| &e.info.config)
                         .chain(pending.iter().map(|p| p.config))
-                        .find(|c| c.irq == Some(irq));
+                        .find(|c| c.irq == Some(irq))
+                        .map(|c| c.name.clone())
+                        .or_else(|| self.draining.lock().get(&irq).cloned());
                     if let Some(other) = holder {
-                        let other = other.name.clone();
                         return Err(config
                             .error("irq", ConfigErrorKind::IrqInUse { other })
                             .into());
@@ -463,6 +478,7 @@ impl DeviceManager {
                     })?)
                 }
             };
+            let line = interrupt.clone();
             let env = BuildEnv {
                 config,
                 interrupt,
@@ -481,7 +497,7 @@ impl DeviceManager {
             if let Some(other) = self.overlapping(&entries, &pending, space, start, last) {
                 return Err(config.error("base", ConfigErrorKind::Overlap { other }).into());
             }
-            pending.push(Pending { config, space, start, last, device, any });
+            pending.push(Pending { config, space, start, last, device, any, line });
         }
 
         // Place each bus's share in one transaction; undo earlier buses if a
@@ -519,7 +535,7 @@ impl DeviceManager {
         for (p, id) in pending.into_iter().zip(ids) {
             let id = id.expect("every pending device was placed on its bus");
             let info = DeviceInfo { config: p.config.clone(), space: p.space, id };
-            entries.insert(p.config.name.clone(), Entry { info, any: p.any });
+            entries.insert(p.config.name.clone(), Entry { info, any: p.any, line: p.line });
         }
         Ok(())
     }
@@ -532,6 +548,36 @@ impl DeviceManager {
     /// # Errors
     /// [`ManagerError::NoSuchDevice`].
     pub fn remove(&self, name: &str) -> Result<Unplug, ManagerError> {
+        self.take(name, false).map(|(unplug, _)| unplug)
+    }
+
+    /// Hot-unplugs the named device, waits until no vCPU can still be
+    /// inside it, then deasserts its interrupt line: a level-triggered
+    /// device unplugged with its line high would otherwise leave the guest
+    /// an interrupt nobody can acknowledge. The line stays reserved (a new
+    /// device cannot take it) until then; the name is free at once.
+    ///
+    /// # Errors
+    /// [`ManagerError::NoSuchDevice`]; [`ManagerError::Wait`] when called
+    /// from inside a dispatch (the device is removed, but its line is left
+    /// reserved and as it was).
+    pub fn remove_and_wait(&self, name: &str) -> Result<(), ManagerError> {
+        let (unplug, line) = self.take(name, true)?;
+        unplug.wait().map_err(ManagerError::Wait)?;
+        if let Some((irq, line)) = line {
+            line.set_level(false);
+            self.draining.lock().remove(&irq);
+        }
+        Ok(())
+    }
+
+    /// Unregisters the named device; with `reserve`, keeps its line in
+    /// `draining` and hands it back.
+    fn take(
+        &self,
+        name: &str,
+        reserve: bool,
+    ) -> Result<(Unplug, Option<ReservedLine>), ManagerError> {
         let mut entries = self.entries.lock();
         let entry = entries.get(name).ok_or_else(|| ManagerError::NoSuchDevice(name.into()))?;
         let DeviceInfo { space, id, .. } = entry.info;
@@ -541,8 +587,15 @@ impl DeviceManager {
             Space::SysReg => self.sysreg.unregister(id),
         }
         .map_err(|error| ManagerError::Bus { device: name.into(), error })?;
-        entries.remove(name);
-        Ok(unplug)
+        let entry = entries.remove(name).expect("entry looked up above");
+        let line = match (reserve, entry.info.config.irq, entry.line) {
+            (true, Some(irq), Some(line)) => {
+                self.draining.lock().insert(irq, entry.info.config.name);
+                Some((irq, line))
+            }
+            _ => None,
+        };
+        Ok((unplug, line))
     }
 
     /// Moves the named device to `base` (same length, same bus) in one

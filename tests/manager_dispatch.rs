@@ -226,3 +226,28 @@ fn move_and_remove_by_name() {
     m.add(DeviceConfig::new("b", "probe", 0x2000, 0x100)).unwrap();
     assert_eq!(m.handle_mmio_read(0x2001, Width::U8), Ok(1));
 }
+
+#[test]
+fn remove_and_wait_lowers_a_level_line_and_frees_it() {
+    let irqs = Arc::new(RecordingController::new());
+    let m = DeviceManager::builder().interrupts(irqs.clone()).build_empty();
+    let uart = |name: &str| {
+        DeviceConfig::new(name, "uart16550", 0x3f8, 8).with_irq(4).with_param("output", "discard")
+    };
+    m.add(uart("com1")).unwrap();
+    // THR-empty interrupt enabled: the line goes high and stays high.
+    m.handle_port_write(0x3f9, Width::U8, 0x02).unwrap();
+    assert!(irqs.recording(4).level());
+    // A plain remove leaves the line as the device left it...
+    m.remove("com1").unwrap().wait().unwrap();
+    assert!(irqs.recording(4).level());
+    // ...`remove_and_wait` lowers it once no vCPU can raise it again.
+    m.add(uart("com1")).unwrap();
+    m.handle_port_write(0x3f9, Width::U8, 0x02).unwrap();
+    m.remove_and_wait("com1").unwrap();
+    assert!(!irqs.recording(4).level());
+    assert_eq!(m.remove_and_wait("com1"), Err(ManagerError::NoSuchDevice("com1".into())));
+    // The line is free for the next device.
+    m.add(uart("com1b")).unwrap();
+    assert_eq!(m.info("com1b").unwrap().config.irq, Some(4));
+}
