@@ -191,6 +191,14 @@ struct Entry {
 /// A VM's device set: one [`IoBus`] per address space, devices known by
 /// name, built from [`DeviceConfig`]s through a [`DeviceKinds`] registry.
 ///
+/// vCPU threads dispatch through a [`VcpuIo`] each ([`Self::vcpu`]); the
+/// handle-free `handle_*` methods (with `std`) suit occasional callers.
+///
+/// Lock order: dispatch takes no lock. Configuration changes (build, add,
+/// remove, move) serialize on the name-table lock, taken before any bus's
+/// writer lock and never held while a device runs — except kind
+/// constructors, which must not call back into the manager.
+///
 /// # Example
 ///
 /// ```
