@@ -190,12 +190,14 @@ impl InterruptStatus {
 
 impl Interrupt for InterruptStatus {
     fn raise(&self, cause: InterruptCause) {
+        // The generation moves even while interrupts are held back: a
+        // driver reading config before DRIVER_OK must see the change.
+        if cause == InterruptCause::ConfigChange {
+            self.bump_config_generation();
+        }
         // Acquire pairs with the Release in `set_enabled`.
         if !self.enabled.load(Ordering::Acquire) {
             return;
-        }
-        if cause == InterruptCause::ConfigChange {
-            self.bump_config_generation();
         }
         // AcqRel: Release publishes the used ring written before this raise
         // to whoever reads the bit; Acquire orders us after earlier acks.
@@ -324,8 +326,11 @@ mod tests {
         let line = Arc::new(RecordingIrq::new());
         let st = InterruptStatus::new(line.clone(), Trigger::Edge);
         st.raise(InterruptCause::UsedBuffer { queue: 0 });
+        let g0 = st.config_generation();
+        st.raise(InterruptCause::ConfigChange);
         assert_eq!(st.status(), 0, "held back before DRIVER_OK");
         assert_eq!(line.pulses(), 0);
+        assert_ne!(st.config_generation(), g0, "generation moves anyway");
         st.set_enabled(true);
         st.raise(InterruptCause::UsedBuffer { queue: 0 });
         st.raise(InterruptCause::UsedBuffer { queue: 3 });

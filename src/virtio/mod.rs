@@ -161,9 +161,10 @@ pub trait VirtioDevice: Send + Sync {
     /// The virtio device type ([`device_type`]).
     fn device_type(&self) -> u32;
 
-    /// The vendor id reported to the driver.
+    /// The vendor id reported to the driver. Drivers match on the device
+    /// type, not the vendor, so the default reports none (0).
     fn vendor_id(&self) -> u32 {
-        0x554d_4551 // "QEMU" in little-endian ASCII, what Linux expects from emulators
+        0
     }
 
     /// Feature bits the device offers; must include
