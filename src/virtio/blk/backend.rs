@@ -11,9 +11,10 @@
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::alloc::Layout;
 use core::fmt;
-
-use crate::sync::Mutex;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Size of the virtio-blk sector, the unit of `capacity` and request sectors.
 pub const SECTOR_SIZE: u64 = 512;
@@ -53,6 +54,10 @@ pub enum BackendError {
     ReadOnly,
     /// The backend does not implement this operation.
     Unsupported,
+    /// The caller's sink or source in [`BlockBackend::read_to`] /
+    /// [`BlockBackend::write_from`] refused to go on (a guest buffer turned
+    /// out not to be guest RAM).
+    Aborted,
     /// The underlying storage failed.
     Io {
         /// The operation that failed (`"read"`, `"write"`, `"flush"`, ...).
@@ -70,6 +75,7 @@ impl fmt::Display for BackendError {
             }
             BackendError::ReadOnly => f.write_str("the disk is read-only"),
             BackendError::Unsupported => f.write_str("operation not supported by the backend"),
+            BackendError::Aborted => f.write_str("the transfer was abandoned by its caller"),
             BackendError::Io { op, os_error: Some(code) } => {
                 write!(f, "{op} failed (os error {code})")
             }
@@ -119,6 +125,69 @@ pub trait BlockBackend: Send + Sync {
     /// [`BackendError::Io`] if the storage cannot sync.
     fn flush(&self) -> Result<(), BackendError>;
 
+    /// Streams the `len` bytes at `offset` to `sink`, in order, in pieces of
+    /// any size; `sink` returns `false` to stop.
+    ///
+    /// The default reads through `scratch` (any non-zero length) with
+    /// [`read_at`](Self::read_at); a backend holding its bytes in memory
+    /// hands out its own storage instead and saves a copy.
+    ///
+    /// # Errors
+    /// As for [`read_at`](Self::read_at); [`BackendError::Aborted`] when
+    /// `sink` stopped.
+    fn read_to(
+        &self,
+        offset: u64,
+        len: u64,
+        scratch: &mut [u8],
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<(), BackendError> {
+        check_range(offset, len, self.size())?;
+        let step = scratch.len().max(1) as u64;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(step) as usize;
+            self.read_at(offset + done, &mut scratch[..n])?;
+            if !sink(&scratch[..n]) {
+                return Err(BackendError::Aborted);
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Stores `len` bytes at `offset`, asking `source` to fill them in order,
+    /// in pieces of any size; `source` returns `false` to stop (the range's
+    /// contents are then unspecified).
+    ///
+    /// The default fills `scratch` (any non-zero length) and calls
+    /// [`write_at`](Self::write_at); a backend holding its bytes in memory
+    /// lets `source` fill its storage directly.
+    ///
+    /// # Errors
+    /// As for [`write_at`](Self::write_at); [`BackendError::Aborted`] when
+    /// `source` stopped.
+    fn write_from(
+        &self,
+        offset: u64,
+        len: u64,
+        scratch: &mut [u8],
+        source: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<(), BackendError> {
+        check_range(offset, len, self.size())?;
+        let step = scratch.len().max(1) as u64;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(step) as usize;
+            if !source(&mut scratch[..n]) {
+                return Err(BackendError::Aborted);
+            }
+            self.write_at(offset + done, &scratch[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     /// Tells the backend that `len` bytes at `offset` are no longer needed;
     /// their contents are unspecified afterwards.
     ///
@@ -160,6 +229,24 @@ impl<B: BlockBackend + ?Sized> BlockBackend for alloc::sync::Arc<B> {
     fn flush(&self) -> Result<(), BackendError> {
         (**self).flush()
     }
+    fn read_to(
+        &self,
+        offset: u64,
+        len: u64,
+        scratch: &mut [u8],
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<(), BackendError> {
+        (**self).read_to(offset, len, scratch, sink)
+    }
+    fn write_from(
+        &self,
+        offset: u64,
+        len: u64,
+        scratch: &mut [u8],
+        source: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<(), BackendError> {
+        (**self).write_from(offset, len, scratch, source)
+    }
     fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         (**self).discard(offset, len)
     }
@@ -176,20 +263,20 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BackendError> {
     }
 }
 
-/// Size of one independently locked (and independently allocated) piece of a
-/// [`RamDisk`]: a page, so a 4 KiB-aligned request takes exactly one lock.
+/// Size of one independently locked piece of a [`RamDisk`]: a page, so a
+/// 4 KiB-aligned request takes exactly one lock.
 const CHUNK: usize = 4096;
 
-/// One chunk slot: `None` until first written, and again after being freed.
-type Slot = Option<Box<[u8; CHUNK]>>;
-
-/// A disk held in memory, allocated lazily one 4 KiB chunk at a time.
+/// A disk held in memory.
 ///
-/// Each chunk has its own lock, so requests from different queues touching
-/// different chunks never contend; a request spanning chunks takes their
-/// locks one after another, never two at once (so no lock ordering is
-/// needed). A chunk that was never written reads as zeroes and costs no
-/// memory; discarding or unmapping a whole chunk frees it again.
+/// The bytes live in one page-aligned, zero-initialized allocation (from
+/// the OS's zero pages on hosts whose allocator maps large blocks lazily, so
+/// untouched sectors cost no memory). Each 4 KiB chunk has its own lock, so
+/// requests from different queues touching different chunks never contend;
+/// a request spanning chunks takes their locks one after another, never two
+/// at once, so no lock ordering is needed. Requests on disjoint chunks copy
+/// straight between guest memory and the disk
+/// ([`read_to`](BlockBackend::read_to) / [`write_from`](BlockBackend::write_from)).
 ///
 /// # Example
 /// ```
@@ -203,10 +290,70 @@ type Slot = Option<Box<[u8; CHUNK]>>;
 /// # Ok::<(), vmio::virtio::blk::BackendError>(())
 /// ```
 pub struct RamDisk {
-    chunks: Box<[Mutex<Slot>]>,
+    /// `size` bytes (page-aligned); chunk `i` is only touched under
+    /// `locks[i]`. Dangling when `size` is 0.
+    data: NonNull<u8>,
+    locks: Box<[ChunkLock]>,
     size: u64,
     read_only: bool,
 }
+
+/// The lock of one [`RamDisk`] chunk: held for at most one 4 KiB copy, so
+/// a spin lock. Its unlock is a plain release store (no locked instruction),
+/// which lets the copy's stores drain in the background instead of stalling
+/// the vCPU, unlike a futex mutex's unlock, which must also learn whether
+/// anyone sleeps.
+struct ChunkLock(AtomicBool);
+
+/// Holds a [`ChunkLock`]; unlocks on drop.
+struct ChunkGuard<'a>(&'a ChunkLock);
+
+impl ChunkLock {
+    const fn new() -> Self {
+        ChunkLock(AtomicBool::new(false))
+    }
+
+    fn lock(&self) -> ChunkGuard<'_> {
+        #[cfg(feature = "std")]
+        let mut spins = 0u32;
+        // Acquire pairs with the Release in `ChunkGuard::drop`: the previous
+        // holder's writes to the chunk are visible once we own it.
+        while self
+            .0
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            // Spin on a plain load so waiters do not bounce the line.
+            while self.0.load(Ordering::Relaxed) {
+                core::hint::spin_loop();
+                #[cfg(feature = "std")]
+                {
+                    spins = spins.wrapping_add(1);
+                    if spins.is_multiple_of(1024) {
+                        // The holder was preempted mid-copy: let it run.
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+        ChunkGuard(self)
+    }
+}
+
+impl Drop for ChunkGuard<'_> {
+    fn drop(&mut self) {
+        // Release publishes our writes to the chunk to the next holder.
+        self.0.0.store(false, Ordering::Release);
+    }
+}
+
+// SAFETY: the bytes behind `data` are owned by the disk and only reached
+// through `with_chunk`, which holds the chunk's lock for the whole borrow;
+// so sharing or sending the disk never lets two threads touch the same bytes
+// at once.
+unsafe impl Send for RamDisk {}
+// SAFETY: see `Send`.
+unsafe impl Sync for RamDisk {}
 
 impl fmt::Debug for RamDisk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -217,26 +364,49 @@ impl fmt::Debug for RamDisk {
     }
 }
 
+impl Drop for RamDisk {
+    fn drop(&mut self) {
+        if let Some(layout) = Self::layout(self.size) {
+            // SAFETY: `data` came from `alloc_zeroed(layout)` in `new` with
+            // this same layout, and nothing borrows it any more (`&mut self`).
+            unsafe { alloc::alloc::dealloc(self.data.as_ptr(), layout) };
+        }
+    }
+}
+
 impl RamDisk {
+    /// The allocation for a disk of `size` bytes; `None` for an empty disk.
+    fn layout(size: u64) -> Option<Layout> {
+        let bytes = usize::try_from(size).ok().filter(|&b| b > 0)?;
+        Layout::from_size_align(bytes, CHUNK).ok()
+    }
+
     /// A zero-filled writable disk of `size` bytes, rounded down to whole
     /// sectors.
     ///
     /// # Panics
-    /// If `size` does not fit in the host's address space.
+    /// If `size` does not fit in the host's address space, or the host is
+    /// out of memory.
     pub fn new(size: u64) -> Self {
         let size = size - size % SECTOR_SIZE;
         let bytes = usize::try_from(size).expect("a RAM disk must fit in host memory");
-        let chunks = (0..bytes.div_ceil(CHUNK)).map(|_| Mutex::new(None)).collect::<Vec<_>>();
-        RamDisk { chunks: chunks.into_boxed_slice(), size, read_only: false }
+        let data = match Self::layout(size) {
+            Some(layout) => {
+                // SAFETY: `layout` has a non-zero size (checked by `layout`).
+                let ptr = unsafe { alloc::alloc::alloc_zeroed(layout) };
+                NonNull::new(ptr).unwrap_or_else(|| alloc::alloc::handle_alloc_error(layout))
+            }
+            None => NonNull::dangling(),
+        };
+        let locks = (0..bytes.div_ceil(CHUNK)).map(|_| ChunkLock::new()).collect::<Vec<_>>();
+        RamDisk { data, locks: locks.into_boxed_slice(), size, read_only: false }
     }
 
     /// A disk holding a copy of `image`, padded with zeroes to whole sectors.
     pub fn from_image(image: &[u8]) -> Self {
         let disk = RamDisk::new((image.len() as u64).next_multiple_of(SECTOR_SIZE));
         for (i, piece) in image.chunks(CHUNK).enumerate() {
-            let mut chunk = Box::new([0u8; CHUNK]);
-            chunk[..piece.len()].copy_from_slice(piece);
-            *disk.chunks[i].lock() = Some(chunk);
+            disk.with_chunk(i, |chunk| chunk[..piece.len()].copy_from_slice(piece));
         }
         disk
     }
@@ -248,49 +418,53 @@ impl RamDisk {
         self
     }
 
-    /// Bytes of memory currently allocated for disk contents.
-    pub fn allocated(&self) -> u64 {
-        let live = self.chunks.iter().filter(|c| c.lock().is_some()).count();
-        (live * CHUNK) as u64
+    /// Runs `f` on chunk `index` (shorter than [`CHUNK`] at the end of a disk
+    /// that is not a whole number of pages), holding its lock.
+    fn with_chunk<R>(&self, index: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let _guard = self.locks[index].lock();
+        let start = index * CHUNK;
+        // `size` fits in usize (checked in `new`) and `index` is below
+        // `locks.len()` (the indexing above panics otherwise).
+        let len = CHUNK.min(self.size as usize - start);
+        // SAFETY: `[start, start + len)` lies inside the allocation, and the
+        // chunk's lock, held until `f` returns, makes this the only borrow of
+        // those bytes anywhere.
+        let chunk = unsafe { core::slice::from_raw_parts_mut(self.data.as_ptr().add(start), len) };
+        f(chunk)
     }
 
     /// Visits the chunks covering `[offset, offset + len)` in order, passing
-    /// each chunk's slot, the range inside the chunk, and the range inside the
-    /// caller's buffer. One chunk lock is held at a time.
+    /// each chunk, the range inside it, and the range inside the caller's
+    /// buffer. One chunk lock is held at a time.
     fn for_each_chunk(
         &self,
         offset: u64,
         len: usize,
-        mut f: impl FnMut(
-            &mut Option<Box<[u8; CHUNK]>>,
-            core::ops::Range<usize>,
-            core::ops::Range<usize>,
-        ),
+        mut f: impl FnMut(&mut [u8], core::ops::Range<usize>, core::ops::Range<usize>),
     ) {
         // The caller checked the range against `size`, which fits in usize.
         let mut pos = usize::try_from(offset).expect("range checked against the disk size");
         let mut done = 0;
         while done < len {
-            let index = pos / CHUNK;
-            let start = pos % CHUNK;
+            let (index, start) = (pos / CHUNK, pos % CHUNK);
             let n = (CHUNK - start).min(len - done);
-            let mut slot = self.chunks[index].lock();
-            f(&mut slot, start..start + n, done..done + n);
+            self.with_chunk(index, |chunk| f(chunk, start..start + n, done..done + n));
             pos += n;
             done += n;
         }
     }
 
-    /// Zeroes (or, for whole chunks, frees) a checked range.
-    fn zero_range(&self, offset: u64, len: u64, free: bool) {
+    /// Zeroes a checked range.
+    fn zero_range(&self, offset: u64, len: u64) {
         let len = usize::try_from(len).expect("range checked against the disk size");
-        self.for_each_chunk(offset, len, |slot, inner, _| {
-            if inner.len() == CHUNK && free {
-                *slot = None;
-            } else if let Some(chunk) = slot {
-                chunk[inner].fill(0);
-            }
-        });
+        self.for_each_chunk(offset, len, |chunk, inner, _| chunk[inner].fill(0));
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        if self.read_only {
+            return Err(BackendError::ReadOnly);
+        }
+        check_range(offset, len, self.size)
     }
 }
 
@@ -307,26 +481,22 @@ impl BlockBackend for RamDisk {
             flush: true,
             discard: true,
             write_zeroes: true,
-            write_zeroes_unmap: true,
+            // Zeroing in place is all a RAM disk can do either way.
+            write_zeroes_unmap: false,
         }
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         check_range(offset, buf.len() as u64, self.size)?;
-        self.for_each_chunk(offset, buf.len(), |slot, inner, outer| match slot {
-            Some(chunk) => buf[outer].copy_from_slice(&chunk[inner]),
-            None => buf[outer].fill(0),
+        self.for_each_chunk(offset, buf.len(), |chunk, inner, outer| {
+            buf[outer].copy_from_slice(&chunk[inner]);
         });
         Ok(())
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
-        if self.read_only {
-            return Err(BackendError::ReadOnly);
-        }
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.for_each_chunk(offset, buf.len(), |slot, inner, outer| {
-            let chunk = slot.get_or_insert_with(|| Box::new([0; CHUNK]));
+        self.check_write(offset, buf.len() as u64)?;
+        self.for_each_chunk(offset, buf.len(), |chunk, inner, outer| {
             chunk[inner].copy_from_slice(&buf[outer]);
         });
         Ok(())
@@ -336,21 +506,45 @@ impl BlockBackend for RamDisk {
         Ok(())
     }
 
-    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-        if self.read_only {
-            return Err(BackendError::ReadOnly);
-        }
+    fn read_to(
+        &self,
+        offset: u64,
+        len: u64,
+        _scratch: &mut [u8],
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<(), BackendError> {
         check_range(offset, len, self.size)?;
-        self.zero_range(offset, len, true);
+        let len = usize::try_from(len).expect("range checked against the disk size");
+        let mut ok = true;
+        // Straight from the chunk, under its lock: no intermediate copy.
+        self.for_each_chunk(offset, len, |chunk, inner, _| ok = ok && sink(&chunk[inner]));
+        if ok { Ok(()) } else { Err(BackendError::Aborted) }
+    }
+
+    fn write_from(
+        &self,
+        offset: u64,
+        len: u64,
+        _scratch: &mut [u8],
+        source: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<(), BackendError> {
+        self.check_write(offset, len)?;
+        let len = usize::try_from(len).expect("range checked against the disk size");
+        let mut ok = true;
+        // `source` fills the chunk itself, under its lock.
+        self.for_each_chunk(offset, len, |chunk, inner, _| ok = ok && source(&mut chunk[inner]));
+        if ok { Ok(()) } else { Err(BackendError::Aborted) }
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.check_write(offset, len)?;
+        self.zero_range(offset, len);
         Ok(())
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
-        if self.read_only {
-            return Err(BackendError::ReadOnly);
-        }
-        check_range(offset, len, self.size)?;
-        self.zero_range(offset, len, unmap);
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<(), BackendError> {
+        self.check_write(offset, len)?;
+        self.zero_range(offset, len);
         Ok(())
     }
 }
@@ -612,23 +806,89 @@ mod tests {
     }
 
     #[test]
-    fn ram_disk_allocates_lazily_and_frees_on_unmap() {
-        let disk = RamDisk::new(1 << 20);
-        assert_eq!(disk.allocated(), 0);
-        disk.write_at(8192, &[1; 512]).unwrap();
-        assert_eq!(disk.allocated(), 4096);
-        // A partial-chunk discard zeroes but keeps the chunk ...
-        disk.discard(8192, 512).unwrap();
-        assert_eq!(disk.allocated(), 4096);
-        // ... a whole-chunk one frees it; plain write-zeroes never frees.
-        disk.write_at(8192, &[1; 512]).unwrap();
-        disk.write_zeroes(8192, 4096, false).unwrap();
-        assert_eq!(disk.allocated(), 4096);
-        disk.write_zeroes(8192, 4096, true).unwrap();
-        assert_eq!(disk.allocated(), 0);
-        let mut b = [1u8; 512];
-        disk.read_at(8192, &mut b).unwrap();
-        assert_eq!(b, [0; 512]);
+    fn ram_disk_streams_straight_from_and_to_its_chunks() {
+        let disk = RamDisk::new(64 * 1024 + 512);
+        assert_eq!(disk.size(), 64 * 1024 + 512);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        let mut from = &data[..];
+        let mut pieces = Vec::new();
+        disk.write_from(1536, 10_000 - 10_000 % 512, &mut [], &mut |piece: &mut [u8]| {
+            pieces.push(piece.len());
+            let (head, rest) = from.split_at(piece.len());
+            piece.copy_from_slice(head);
+            from = rest;
+            true
+        })
+        .unwrap();
+        // Pieces follow the chunk boundaries: 2560 to the first, then pages.
+        assert_eq!(pieces, [2560, 4096, 3072]);
+        let mut back = Vec::new();
+        disk.read_to(1536, 9728, &mut [], &mut |piece: &[u8]| {
+            back.extend_from_slice(piece);
+            true
+        })
+        .unwrap();
+        assert_eq!(back, data[..9728]);
+        // A sink or source that stops turns into Aborted.
+        let stop = disk.read_to(0, 8192, &mut [], &mut |_: &[u8]| false);
+        assert_eq!(stop, Err(BackendError::Aborted));
+        let stop = disk.write_from(0, 8192, &mut [], &mut |_: &mut [u8]| false);
+        assert_eq!(stop, Err(BackendError::Aborted));
+        // The partial last chunk is reachable and bounded.
+        disk.write_at(64 * 1024, &[3; 512]).unwrap();
+        assert!(disk.write_at(64 * 1024 + 512, &[3; 1]).is_err());
+    }
+
+    #[test]
+    fn default_streaming_goes_through_scratch() {
+        // A backend with only the required methods: the trait's defaults
+        // must stream through the caller's scratch in scratch-sized pieces.
+        struct Plain(RamDisk);
+        impl BlockBackend for Plain {
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            fn features(&self) -> BackendFeatures {
+                BackendFeatures::default()
+            }
+            fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), BackendError> {
+                self.0.read_at(o, b)
+            }
+            fn write_at(&self, o: u64, b: &[u8]) -> Result<(), BackendError> {
+                self.0.write_at(o, b)
+            }
+            fn flush(&self) -> Result<(), BackendError> {
+                Ok(())
+            }
+        }
+        let disk = Plain(RamDisk::new(64 * 1024));
+        let mut scratch = [0u8; 1000];
+        let mut n = 0u8;
+        let mut sizes = Vec::new();
+        disk.write_from(512, 2560, &mut scratch, &mut |p: &mut [u8]| {
+            sizes.push(p.len());
+            for b in p.iter_mut() {
+                *b = n;
+                n = n.wrapping_add(1);
+            }
+            true
+        })
+        .unwrap();
+        assert_eq!(sizes, [1000, 1000, 560]);
+        let mut back = Vec::new();
+        disk.read_to(512, 2560, &mut scratch, &mut |p: &[u8]| {
+            back.extend_from_slice(p);
+            true
+        })
+        .unwrap();
+        assert!(back.iter().enumerate().all(|(i, &b)| b == i as u8));
+        assert_eq!(disk.discard(0, 512), Err(BackendError::Unsupported));
+        assert_eq!(disk.write_zeroes(0, 512, false), Err(BackendError::Unsupported));
+        let mut s = [0u8; 8];
+        assert!(matches!(
+            disk.read_to(65536 - 512, 1024, &mut s, &mut |_: &[u8]| true),
+            Err(BackendError::OutOfRange { .. })
+        ));
     }
 
     #[test]

@@ -382,7 +382,8 @@ impl<B: BlockBackend> VirtioBlk<B> {
             return Err(BlkConfigError::EmptyDisk);
         }
         let offered = offered_features(&config, backend.features());
-        let config_space = config_bytes(&config, backend.size() / SECTOR_SIZE, offered);
+        let may_unmap = config.write_zeroes_may_unmap && backend.features().write_zeroes_unmap;
+        let config_space = config_bytes(&config, backend.size() / SECTOR_SIZE, offered, may_unmap);
         let queues = (0..config.num_queues).map(|_| Padded(Mutex::new(None))).collect();
         Ok(VirtioBlk {
             writeback: AtomicU8::new(u8::from(config.writeback)),
@@ -518,7 +519,12 @@ fn offered_features(config: &BlkConfig, backend: BackendFeatures) -> u64 {
 
 /// The configuration space as the spec lays it out (little-endian). Fields
 /// of features not offered stay zero.
-fn config_bytes(config: &BlkConfig, capacity: u64, offered: u64) -> [u8; config_offset::LEN] {
+fn config_bytes(
+    config: &BlkConfig,
+    capacity: u64,
+    offered: u64,
+    may_unmap: bool,
+) -> [u8; config_offset::LEN] {
     use config_offset as o;
     let mut c = [0u8; o::LEN];
     let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
@@ -547,7 +553,7 @@ fn config_bytes(config: &BlkConfig, capacity: u64, offered: u64) -> [u8; config_
     if offered & VIRTIO_BLK_F_WRITE_ZEROES != 0 {
         put(o::MAX_WRITE_ZEROES_SECTORS, &config.max_write_zeroes_sectors.to_le_bytes());
         put(o::MAX_WRITE_ZEROES_SEG, &config.max_write_zeroes_seg.to_le_bytes());
-        put(o::WRITE_ZEROES_MAY_UNMAP, &[u8::from(config.write_zeroes_may_unmap)]);
+        put(o::WRITE_ZEROES_MAY_UNMAP, &[u8::from(may_unmap)]);
     }
     c
 }
@@ -937,7 +943,13 @@ mod tests {
             5 << 30
         }
         fn features(&self) -> BackendFeatures {
-            BackendFeatures { flush: true, discard: true, write_zeroes: true, ..Default::default() }
+            BackendFeatures {
+                flush: true,
+                discard: true,
+                write_zeroes: true,
+                write_zeroes_unmap: true,
+                ..Default::default()
+            }
         }
         fn read_at(&self, _: u64, b: &mut [u8]) -> Result<(), BackendError> {
             b.fill(0);

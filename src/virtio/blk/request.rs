@@ -337,41 +337,41 @@ fn sector_range(sector: u64, len: u64, size: u64) -> Result<u64, Fail> {
     }
 }
 
-/// Disk → scratch → guest, for IN.
+/// Disk → guest, for IN: the backend streams its bytes and each piece is
+/// copied into the writable buffers where the previous one ended.
 fn copy_to_guest<M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
     chain: &impl Buffers,
     cx: &mut Context<'_, M, B>,
     offset: u64,
     len: u64,
 ) -> Result<(), Fail> {
-    let step = cx.scratch.len() as u64;
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(step);
-        let buf = &mut cx.scratch[..n as usize];
-        cx.backend.read_at(offset + done, buf)?;
-        scatter(cx.mem, chain.writable(), done, buf)?;
-        done += n;
-    }
+    let (mem, writable) = (cx.mem, chain.writable());
+    let mut done = 0u64;
+    let mut sink = |piece: &[u8]| {
+        let ok = scatter(mem, writable, done, piece).is_ok();
+        done += piece.len() as u64;
+        ok
+    };
+    cx.backend.read_to(offset, len, cx.scratch, &mut sink)?;
     Ok(())
 }
 
-/// Guest → scratch → disk, for OUT.
+/// Guest → disk, for OUT: the backend asks for its bytes piece by piece and
+/// each is gathered from the readable buffers after the header.
 fn copy_from_guest<M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
     chain: &impl Buffers,
     cx: &mut Context<'_, M, B>,
     offset: u64,
     len: u64,
 ) -> Result<(), Fail> {
-    let step = cx.scratch.len() as u64;
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(step);
-        let buf = &mut cx.scratch[..n as usize];
-        gather(cx.mem, chain.readable(), HEADER_LEN as u64 + done, buf)?;
-        cx.backend.write_at(offset + done, buf)?;
-        done += n;
-    }
+    let (mem, readable) = (cx.mem, chain.readable());
+    let mut done = HEADER_LEN as u64;
+    let mut source = |piece: &mut [u8]| {
+        let ok = gather(mem, readable, done, piece).is_ok();
+        done += piece.len() as u64;
+        ok
+    };
+    cx.backend.write_from(offset, len, cx.scratch, &mut source)?;
     Ok(())
 }
 
@@ -695,7 +695,9 @@ mod tests {
             let c = simple(&rig, kind, 0, 16, false);
             assert_eq!(rig.run(&c).status, Some(S_IOERR));
         }
-        assert_eq!(rig.disk.allocated(), 0, "nothing reached the disk");
+        let mut disk = vec![0xffu8; 65536];
+        rig.disk.read_at(0, &mut disk).unwrap();
+        assert!(disk.iter().all(|&b| b == 0), "nothing reached the disk");
         let c = simple(&rig, T_IN, 0, 512, true);
         assert_eq!(rig.run(&c).status, Some(S_OK), "reads still work");
     }
@@ -709,7 +711,9 @@ mod tests {
         c.push(0x1_1000, 16, false);
         c.push(0x1_2000, 512, false);
         assert_eq!(rig.run(&c), Completion { status: None, used_len: 0 });
-        assert_eq!(rig.disk.allocated(), 0);
+        let mut disk = vec![0xffu8; 512];
+        rig.disk.read_at(0, &mut disk).unwrap();
+        assert_eq!(disk, vec![0u8; 512], "nothing written");
         // Only zero-length writable descriptors: same.
         c.push(0x1_8000, 0, true);
         assert_eq!(rig.run(&c), Completion { status: None, used_len: 0 });
