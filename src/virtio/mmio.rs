@@ -380,8 +380,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn write_queue_ready(&self, r: &mut Registers, sel: usize, value: u32) {
         // Queues are set up before DRIVER_OK; without RING_RESET they cannot
-        // change afterwards.
+        // change afterwards. A driver that stops using a queue still writes
+        // 0 and waits to read 0 back (virtio 1.2, 4.2.2.2; the virtio-drivers
+        // crate spins on it when it drops a device), so the register must
+        // follow, even though the queue's addresses stay as they were.
         if r.status & DRIVER_OK != 0 {
+            if value == 0
+                && let Some(q) = r.queues.get_mut(sel)
+            {
+                q.ready = false;
+            }
             return;
         }
         let max = self.device.max_queue_size(sel as u16);
