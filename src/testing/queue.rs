@@ -361,6 +361,26 @@ impl GuestQueue {
         Ok(())
     }
 
+    /// The next used ring position the driver will reap.
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
+
+    /// EVENT_IDX: asks for an interrupt as soon as the device uses anything
+    /// the driver has not reaped (`used_event = last_used`), then reports
+    /// whether something is already there — if so, reap instead of waiting,
+    /// or the interrupt may never come.
+    ///
+    /// # Errors
+    /// A memory error if the rings are not guest RAM.
+    pub fn arm_interrupt<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<bool, DriverError> {
+        self.set_used_event(mem, self.last_used)?;
+        // SeqCst: `used_event` must be visible before we re-read `used.idx`;
+        // pairs with the device's fence in `needs_interrupt`.
+        fence(Ordering::SeqCst);
+        Ok(self.used_idx(mem)? != self.last_used)
+    }
+
     /// Sets or clears NO_INTERRUPT in the available ring's flags.
     ///
     /// # Errors
