@@ -259,7 +259,7 @@ fn main() -> ExitCode {
 
     println!(
         "virtio-blk: {} MiB RAM disk, {} queues (features {features:#x}), {} vCPUs, depth {}, {:.1} s, hot-plug running",
-        capacity * 512 >> 20,
+        (capacity * 512) >> 20,
         o.vcpus,
         o.vcpus,
         o.depth,
