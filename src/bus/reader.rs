@@ -20,12 +20,15 @@ pub struct VcpuHandle<S> {
     inner: Arc<Inner<S>>,
     local: LocalHandle,
     vcpu: u32,
+    /// Slot index of this vCPU's last hit. A guess, checked against the
+    /// current table on use: a stale index simply misses (see [`hinted`]).
+    hint: usize,
 }
 
 impl<S: AddressSpace> VcpuHandle<S> {
     pub(super) fn new(inner: Arc<Inner<S>>, vcpu: u32) -> Self {
         let local = inner.collector.register();
-        VcpuHandle { inner, local, vcpu }
+        VcpuHandle { inner, local, vcpu, hint: 0 }
     }
 
     /// The vCPU id passed to devices in [`Access::vcpu`].
@@ -42,7 +45,7 @@ impl<S: AddressSpace> VcpuHandle<S> {
     #[inline]
     pub fn read(&mut self, addr: u64, width: Width) -> Result<u64, AccessError> {
         let guard = self.local.pin();
-        dispatch_read(&self.inner, &guard, addr, width, Some(self.vcpu))
+        dispatch_read(&self.inner, &guard, addr, width, Some(self.vcpu), &mut self.hint)
     }
 
     /// Dispatches a guest write of the low `width` bytes of `value` at `addr`.
@@ -52,14 +55,39 @@ impl<S: AddressSpace> VcpuHandle<S> {
     #[inline]
     pub fn write(&mut self, addr: u64, width: Width, value: u64) -> Result<(), AccessError> {
         let guard = self.local.pin();
-        dispatch_write(&self.inner, &guard, addr, width, value, Some(self.vcpu))
+        dispatch_write(&self.inner, &guard, addr, width, value, Some(self.vcpu), &mut self.hint)
     }
+}
+
+/// The slot holding `addr`: `*hint` when that slot of `table` contains it,
+/// else whatever the search finds (remembered in `*hint` for next time).
+///
+/// Checking the hint's range against the table being searched is the whole
+/// validation: ranges never overlap, so a slot that contains `addr` is the
+/// right one, whichever table generation the hint came from.
+#[inline(always)]
+fn hinted(table: &Table, hint: &mut usize, addr: u64) -> Option<usize> {
+    let h = *hint;
+    if let (Some(&start), Some(slot)) = (table.starts.get(h), table.slots.get(h))
+        && start <= addr
+        && addr <= slot.last
+    {
+        return Some(h);
+    }
+    let i = table.find(addr)?;
+    *hint = i;
+    Some(i)
 }
 
 /// Finds the slot for `[addr, addr + width)`: the device pointer, id and offset.
 #[inline(always)]
-fn route(table: &Table, addr: u64, width: Width) -> Result<(usize, Access), AccessError> {
-    let i = table.find(addr).ok_or(AccessError::Unmapped { addr })?;
+fn route(
+    table: &Table,
+    hint: &mut usize,
+    addr: u64,
+    width: Width,
+) -> Result<(usize, Access), AccessError> {
+    let i = hinted(table, hint, addr).ok_or(AccessError::Unmapped { addr })?;
     let slot = &table.slots[i];
     // Overflow means the access runs past the top of the space, which no
     // range can contain.
@@ -87,9 +115,10 @@ pub(super) fn dispatch_read<S>(
     addr: u64,
     width: Width,
     vcpu: Option<u32>,
+    hint: &mut usize,
 ) -> Result<u64, AccessError> {
     let table = load(inner, guard);
-    let (i, access) = route(table, addr, width)?;
+    let (i, access) = route(table, hint, addr, width)?;
     let slot = &table.slots[i];
     let _depth = DispatchDepth::enter();
     // SAFETY: the registry's `Arc` for this device is released only by the
@@ -110,9 +139,10 @@ pub(super) fn dispatch_write<S>(
     width: Width,
     value: u64,
     vcpu: Option<u32>,
+    hint: &mut usize,
 ) -> Result<(), AccessError> {
     let table = load(inner, guard);
-    let (i, access) = route(table, addr, width)?;
+    let (i, access) = route(table, hint, addr, width)?;
     let slot = &table.slots[i];
     let _depth = DispatchDepth::enter();
     // SAFETY: as in `dispatch_read`.
@@ -224,7 +254,7 @@ impl<S: AddressSpace> super::IoBus<S> {
     /// # Errors
     /// As for [`VcpuHandle::read`].
     pub fn read(&self, addr: u64, width: Width) -> Result<u64, AccessError> {
-        with_guard(&self.inner, |g| dispatch_read(&self.inner, g, addr, width, None))
+        with_guard(&self.inner, |g| dispatch_read(&self.inner, g, addr, width, None, &mut 0))
     }
 
     /// Dispatches a write without a [`VcpuHandle`]; see [`Self::read`].
@@ -232,6 +262,63 @@ impl<S: AddressSpace> super::IoBus<S> {
     /// # Errors
     /// As for [`VcpuHandle::write`].
     pub fn write(&self, addr: u64, width: Width, value: u64) -> Result<(), AccessError> {
-        with_guard(&self.inner, |g| dispatch_write(&self.inner, g, addr, width, value, None))
+        with_guard(&self.inner, |g| {
+            dispatch_write(&self.inner, g, addr, width, value, None, &mut 0)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alloc::sync::Arc;
+
+    use crate::addr::{IoRange, Mmio, Width};
+    use crate::bus::IoBus;
+    use crate::device::{Access, Device, DeviceError};
+    use crate::error::AccessError;
+
+    /// Answers its tag, so a test sees which device a dispatch reached.
+    struct Tag(u64);
+    impl Device for Tag {
+        fn read(&self, _: Access) -> Result<u64, DeviceError> {
+            Ok(self.0)
+        }
+        fn write(&self, _: Access, _: u64) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    fn r(start: u64) -> IoRange<Mmio> {
+        IoRange::new(start, 0x100).unwrap()
+    }
+
+    #[test]
+    fn stale_hints_never_misroute() {
+        let bus = IoBus::<Mmio>::new();
+        let a = bus.register(r(0x1000), Arc::new(Tag(1))).unwrap();
+        bus.register(r(0x3000), Arc::new(Tag(3))).unwrap();
+        let mut h = bus.handle(0);
+        assert_eq!(h.read(0x3010, Width::U8), Ok(3));
+        assert_eq!(h.hint, 1);
+
+        // A device below shifts every index: slot 1 is now the device at 0x1000.
+        bus.register(r(0x0), Arc::new(Tag(0))).unwrap();
+        assert_eq!(h.read(0x1010, Width::U8), Ok(1), "hit through the stale index");
+        assert_eq!(h.read(0x3010, Width::U8), Ok(3), "hint misses, search finds it");
+        assert_eq!(h.hint, 2);
+
+        // The hinted slot moves away: its old address is unmapped, not stale.
+        let c = bus.lookup(0x3000).unwrap().0;
+        bus.remap(c, r(0x8000)).unwrap();
+        assert_eq!(h.read(0x3010, Width::U8), Err(AccessError::Unmapped { addr: 0x3010 }));
+        assert_eq!(h.read(0x8010, Width::U8), Ok(3));
+
+        // The table shrinks below the hint: the index is out of range, not a panic.
+        bus.unregister(a).unwrap();
+        bus.unregister(c).unwrap();
+        assert_eq!(h.hint, 2);
+        assert_eq!(h.read(0x8010, Width::U8), Err(AccessError::Unmapped { addr: 0x8010 }));
+        assert_eq!(h.read(0x0010, Width::U8), Ok(0));
+        assert!(h.write(0x0010, Width::U8, 1).is_ok());
     }
 }
