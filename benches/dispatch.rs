@@ -635,16 +635,20 @@ fn timed(subject: &dyn Subject, streams: &[Vec<u64>], iters: u64, writer: bool) 
                 let barrier = &barrier;
                 s.spawn(move || {
                     barrier.wait();
+                    let t0 = Instant::now();
                     black_box(subject.run(k as u32, stream, reps));
+                    (t0, Instant::now())
                 })
             })
             .collect();
         barrier.wait();
-        let t0 = Instant::now();
-        for r in readers {
-            r.join().unwrap();
-        }
-        let elapsed = t0.elapsed();
+        // Each reader times itself: the main thread may be descheduled
+        // between the barrier and its own clock read.
+        let spans: Vec<(Instant, Instant)> =
+            readers.into_iter().map(|r| r.join().unwrap()).collect();
+        let start = spans.iter().map(|s| s.0).min().expect("at least one reader");
+        let end = spans.iter().map(|s| s.1).max().expect("at least one reader");
+        let elapsed = end - start;
         // Relaxed: see `hot_plug_writer`.
         stop.store(true, Ordering::Relaxed);
         if let Some(w) = w {

@@ -147,8 +147,8 @@ impl core::error::Error for AccessError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitError {
     /// The calling thread is itself inside a dispatch: waiting would deadlock
-    /// on its own pin. Finish the device call first, or poll
-    /// [`Unplug::is_complete`](crate::Unplug::is_complete) later.
+    /// on its own dispatch. Finish the device call first, or call
+    /// [`Unplug::poll`](crate::Unplug::poll) later.
     InsideDispatch,
 }
 

@@ -3,10 +3,11 @@
 //! and unplugged underneath.
 //!
 //! Each address space has an [`IoBus`]: an immutable, sorted interval table
-//! published through an atomic pointer and reclaimed with a private
-//! crossbeam-epoch collector. A lookup through a [`VcpuHandle`] pins, loads,
-//! binary-searches and calls the device: no lock, no retry, no allocation and
-//! no shared-cache-line write. Hot-plug copies the table, edits it, validates
+//! published through an atomic pointer and reclaimed after a grace period.
+//! A lookup through a [`VcpuHandle`] marks itself active (one store to the
+//! handle's own cache line, no fence: the fence is the reclaimer's, through
+//! `membarrier` on Linux), loads, searches and calls the device: no lock, no
+//! retry, no allocation and no shared-cache-line write. Hot-plug copies the table, edits it, validates
 //! it and swaps it in; the old table is freed after a grace period.
 //!
 //! # Example
@@ -61,6 +62,7 @@ mod bus;
 mod config;
 mod device;
 mod devices;
+pub mod docs;
 mod error;
 mod irq;
 mod manager;

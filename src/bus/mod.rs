@@ -2,23 +2,25 @@
 //!
 //! # Protocol
 //!
-//! * **Readers** (vCPUs, through a [`VcpuHandle`]) pin the bus's private
-//!   epoch collector, load the current [`Table`] with `Acquire`, search it and
-//!   call the device while still pinned. They take no lock, never retry and
-//!   write no shared cache line.
-//! * **Writers** pin first, then take the writer lock, copy the current table,
-//!   apply their edits, validate, publish the new table with `Release` and
-//!   hand the old one (and any unplugged device's `Arc`) to the collector.
-//!   They release the lock before anything can run deferred destructors, and
-//!   never wait for a grace period, so a device may edit its own bus from
-//!   inside a dispatch without deadlock.
-//! * **Unplug completion**: the deferred destructor of the table that last
-//!   named a device also raises the [`Unplug`] ticket's flag; by then every
-//!   reader that could have seen the device has unpinned.
+//! * **Readers** (vCPUs, through a [`VcpuHandle`]) enter a read section of
+//!   the bus's grace-period domain (see [`grace`]: a store to the reader's own
+//!   cache line, no fence), load the current [`Table`] with `Acquire`, search
+//!   it and call the device while still inside. They take no lock, never
+//!   retry and write no shared cache line.
+//! * **Writers** take the writer lock, copy the current table, apply their
+//!   edits, validate, publish the new table and retire the old one (and any
+//!   unplugged device's `Arc`) to the domain. They release the lock before
+//!   reclaiming (which may run device destructors) and never wait for a
+//!   grace period, so a device may edit its own bus from inside a dispatch
+//!   without deadlock.
+//! * **Unplug completion**: the destructor of the table that last named a
+//!   device also raises the [`Unplug`] ticket's flag; by then every reader
+//!   that could have seen the device has left its read section.
 //!
 //! Lock order: the writer lock is a leaf. Nothing else is acquired while it
 //! is held, and device code never runs under it.
 
+mod grace;
 mod reader;
 pub(crate) mod search;
 pub(crate) mod table;
@@ -28,9 +30,10 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
-use crossbeam_epoch::{Atomic, Collector, Owned};
+use alloc::boxed::Box;
+use grace::Domain;
 
 pub use reader::VcpuHandle;
 use table::{Draft, Slot, Table};
@@ -94,11 +97,11 @@ pub struct Committed {
 }
 
 pub(crate) struct Inner<S> {
-    /// The published table. Never null after construction.
-    table: Atomic<Table>,
-    /// Private collector: other crates' garbage never lands on vCPU threads
-    /// and works without `std`.
-    collector: Collector,
+    /// The published table: from `Box::into_raw`, never null. Readers may
+    /// dereference it inside a read section of `domain`.
+    table: AtomicPtr<Table>,
+    /// This bus's readers and retired tables.
+    domain: Arc<Domain>,
     /// Owner of every live device's `Arc`, serializing writers.
     writer: Mutex<BTreeMap<DeviceId, Arc<dyn Device>>>,
     next_id: AtomicU64,
@@ -108,10 +111,12 @@ pub(crate) struct Inner<S> {
 impl<S> Drop for Inner<S> {
     fn drop(&mut self) {
         // SAFETY: `Inner` is dropped only when no `IoBus` or `VcpuHandle`
-        // refers to it, so no reader can hold the current table; older
-        // tables are owned by the collector's deferred destructors.
+        // refers to it, so no reader can be inside a section that reaches
+        // the current table or a retired one; the current table came from
+        // `Box::into_raw` and nothing else frees it.
         unsafe {
-            drop(self.table.load(Ordering::Relaxed, crossbeam_epoch::unprotected()).into_owned());
+            drop(Box::from_raw(*self.table.get_mut()));
+            self.domain.free_all();
         }
     }
 }
@@ -145,8 +150,8 @@ impl<S: AddressSpace> IoBus<S> {
     pub fn new() -> Self {
         IoBus {
             inner: Arc::new(Inner {
-                table: Atomic::new(Table::empty()),
-                collector: Collector::new(),
+                table: AtomicPtr::new(Box::into_raw(Box::new(Table::empty()))),
+                domain: Domain::new(),
                 writer: Mutex::new(BTreeMap::new()),
                 next_id: AtomicU64::new(1),
                 space: PhantomData,
@@ -156,7 +161,7 @@ impl<S: AddressSpace> IoBus<S> {
 
     /// A handle for one vCPU thread: the lock-free dispatch path.
     ///
-    /// The handle holds an epoch registration and is therefore `!Send`:
+    /// The handle holds a reader registration and is therefore `!Send`:
     /// create it on the thread that will use it.
     pub fn handle(&self, vcpu: u32) -> VcpuHandle<S> {
         VcpuHandle::new(Arc::clone(&self.inner), vcpu)
@@ -202,16 +207,13 @@ impl<S: AddressSpace> IoBus<S> {
         &self,
         edits: impl IntoIterator<Item = Edit<S>>,
     ) -> Result<Committed, BusError> {
-        let local = self.inner.collector.register();
-        // Pin before taking the writer lock: pinning may run deferred
-        // destructors (device drops), which must never run under the lock.
-        let guard = local.pin();
         let mut registry = self.inner.writer.lock();
-        // Only writers store, and they are serialized by the lock we hold;
-        // Acquire still pairs with the previous writer's Release for clarity.
-        let current = self.inner.table.load(Ordering::Acquire, &guard);
-        // SAFETY: the table pointer is never null and stays valid while pinned.
-        let current = unsafe { current.deref() };
+        // Acquire: pairs with the previous writer's publishing swap (under
+        // the lock too, so this is belt and braces).
+        let current_ptr = self.inner.table.load(Ordering::Acquire);
+        // SAFETY: never null; only a writer retires the published table, and
+        // we hold the writer lock, so it stays alive until we swap it out.
+        let current = unsafe { &*current_ptr };
 
         let mut draft = Draft::from_table(current);
         let mut registered = Vec::new();
@@ -240,10 +242,13 @@ impl<S: AddressSpace> IoBus<S> {
             }
         }
 
-        let next = Owned::new(draft.compile(current.generation + 1));
+        let next = Box::into_raw(Box::new(draft.compile(current.generation + 1)));
         // Release: a reader whose Acquire load sees the new pointer also sees
-        // the fully built table behind it.
-        let old = self.inner.table.swap(next, Ordering::Release, &guard);
+        // the fully built table behind it. Acquire: nothing below moves above
+        // the unlink the grace period is counted from.
+        let old = self.inner.table.swap(next, Ordering::AcqRel);
+        debug_assert_eq!(old, current_ptr);
+        let old = SendPtr(old);
         registry.extend(added);
         // A device registered and unregistered in the same transaction is
         // in `added` too, so `extend` comes before the removals.
@@ -251,26 +256,25 @@ impl<S: AddressSpace> IoBus<S> {
             removed.iter().filter_map(|id| registry.remove(id)).collect();
         let done = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&done);
-        // SAFETY: `old` was unlinked by the swap above, so only readers
-        // pinned before now can hold it; the collector runs this closure
-        // after all of them have unpinned. The retired `Arc`s keep the
-        // devices that `old` points to alive until then.
-        unsafe {
-            guard.defer_unchecked(move || {
-                drop(old.into_owned());
-                drop(retired);
-                // Release: whoever sees the flag sees the devices dropped.
-                flag.store(true, Ordering::Release);
-            });
-        }
+        // `old` was unlinked by the swap above, so only read sections that
+        // began before now can reach it; the domain runs this closure after
+        // all of them have ended. The retired `Arc`s keep the devices that
+        // `old` points to alive until then.
+        self.inner.domain.retire(Box::new(move || {
+            let old = old;
+            // SAFETY: from `Box::into_raw`, unlinked, and past its grace
+            // period (see above); retired exactly once.
+            drop(unsafe { Box::from_raw(old.0) });
+            drop(retired);
+            // Release: whoever sees the flag sees the devices dropped.
+            flag.store(true, Ordering::Release);
+        }));
         drop(registry);
-        // Push the garbage to the global queue now, so waiters can reclaim
-        // it without us (the handle is dropped right after anyway).
-        guard.flush();
-        drop(guard);
+        // Outside the lock: this may run device destructors.
+        self.inner.domain.reclaim();
         Ok(Committed {
             registered,
-            unplug: Unplug { done, collector: self.inner.collector.clone() },
+            unplug: Unplug { done, domain: Arc::clone(&self.inner.domain) },
         })
     }
 
@@ -310,9 +314,9 @@ impl<S: AddressSpace> IoBus<S> {
     }
 
     fn with_table<R>(&self, f: impl FnOnce(&Table) -> R) -> R {
-        reader::with_guard(&self.inner, |guard| {
-            // SAFETY: never null; valid while `guard` pins.
-            f(unsafe { self.inner.table.load(Ordering::Acquire, guard).deref() })
+        reader::with_reader(&self.inner, |reader| {
+            let section = reader.pin();
+            f(reader::load(&self.inner, &section))
         })
     }
 }
@@ -325,8 +329,13 @@ fn range_of<S: AddressSpace>(t: &Table, i: usize) -> IoRange<S> {
 /// devices an [`IoBus::unregister`] (or transaction) removed.
 pub struct Unplug {
     done: Arc<AtomicBool>,
-    collector: Collector,
+    domain: Arc<Domain>,
 }
+
+/// A retired table pointer on its way to the domain's destructor list.
+struct SendPtr(*mut Table);
+// SAFETY: `Table` is `Send`; the pointer is an owned `Box` in transit.
+unsafe impl Send for SendPtr {}
 
 impl fmt::Debug for Unplug {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -346,7 +355,7 @@ impl Unplug {
     /// no_std VMMs that poll instead of blocking.
     pub fn poll(&self) -> bool {
         if !self.is_complete() {
-            self.collector.register().pin().flush();
+            self.domain.reclaim();
         }
         self.is_complete()
     }
@@ -357,7 +366,7 @@ impl Unplug {
     /// # Errors
     /// [`WaitError::InsideDispatch`] when the calling thread is itself inside
     /// a vmio dispatch (a device unplugging during its own call): its own
-    /// pin would make the wait endless. Detection needs `std`; without it,
+    /// open dispatch would make the wait endless. Detection needs `std`; without it,
     /// use [`Self::poll`] from device code.
     pub fn wait(&self) -> Result<(), WaitError> {
         if self.is_complete() {
@@ -366,12 +375,10 @@ impl Unplug {
         if reader::inside_dispatch() {
             return Err(WaitError::InsideDispatch);
         }
-        let local = self.collector.register();
         while !self.is_complete() {
-            // Each flush tries to advance the epoch and runs expired
-            // destructors; the epoch moves once every pinned vCPU has
-            // passed a fresh pin.
-            local.pin().flush();
+            // Each pass ends the grace period of whatever no reader is still
+            // inside, and runs those destructors.
+            self.domain.reclaim();
             #[cfg(feature = "std")]
             std::thread::yield_now();
             #[cfg(not(feature = "std"))]

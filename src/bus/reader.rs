@@ -3,9 +3,8 @@
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
 
-use crossbeam_epoch::{Guard, LocalHandle};
-
 use super::Inner;
+use super::grace::{Pinned, Reader};
 use super::table::Table;
 use crate::addr::{AddressSpace, Width};
 use crate::device::Access;
@@ -13,22 +12,22 @@ use crate::error::AccessError;
 
 /// A vCPU thread's view of an [`IoBus`](super::IoBus).
 ///
-/// Dispatching through it pins the bus's epoch collector (a write to this
-/// handle's own epoch record only), loads the table, searches it and calls
-/// the device while pinned. It never locks, retries or allocates.
+/// Dispatching through it enters a read section (a store to this handle's
+/// own cache line, no fence), loads the table, searches it and calls the
+/// device inside the section. It never locks, retries or allocates.
 pub struct VcpuHandle<S> {
     inner: Arc<Inner<S>>,
-    local: LocalHandle,
+    reader: Reader,
     vcpu: u32,
     /// Slot index of this vCPU's last hit. A guess, checked against the
     /// current table on use: a stale index simply misses (see [`hinted`]).
-    hint: usize,
+    hint: Hint,
 }
 
 impl<S: AddressSpace> VcpuHandle<S> {
     pub(super) fn new(inner: Arc<Inner<S>>, vcpu: u32) -> Self {
-        let local = inner.collector.register();
-        VcpuHandle { inner, local, vcpu, hint: 0 }
+        let reader = inner.domain.reader();
+        VcpuHandle { inner, reader, vcpu, hint: Hint::default() }
     }
 
     /// The vCPU id passed to devices in [`Access::vcpu`].
@@ -44,8 +43,8 @@ impl<S: AddressSpace> VcpuHandle<S> {
     /// range, [`AccessError::Device`] when the device refuses it.
     #[inline]
     pub fn read(&mut self, addr: u64, width: Width) -> Result<u64, AccessError> {
-        let guard = self.local.pin();
-        dispatch_read(&self.inner, &guard, addr, width, Some(self.vcpu), &mut self.hint)
+        let section = self.reader.pin();
+        dispatch_read(&self.inner, &section, addr, width, Some(self.vcpu), &mut self.hint)
     }
 
     /// Dispatches a guest write of the low `width` bytes of `value` at `addr`.
@@ -54,28 +53,46 @@ impl<S: AddressSpace> VcpuHandle<S> {
     /// As for [`Self::read`].
     #[inline]
     pub fn write(&mut self, addr: u64, width: Width, value: u64) -> Result<(), AccessError> {
-        let guard = self.local.pin();
-        dispatch_write(&self.inner, &guard, addr, width, value, Some(self.vcpu), &mut self.hint)
+        let section = self.reader.pin();
+        dispatch_write(&self.inner, &section, addr, width, value, Some(self.vcpu), &mut self.hint)
     }
 }
 
-/// The slot holding `addr`: `*hint` when that slot of `table` contains it,
-/// else whatever the search finds (remembered in `*hint` for next time).
+/// A vCPU's guess at its next slot: the index of its last hit, trusted
+/// only while the vCPU keeps returning to one device.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Hint {
+    slot: usize,
+    /// How many dispatches in a row searched their way back to `slot`.
+    /// Checking the hint costs a branch that mispredicts when hits are
+    /// random, so it is tried only after [`Hint::TRUST`] repeats: a vCPU
+    /// that scatters over a few devices rarely gets there by chance.
+    streak: u8,
+}
+
+impl Hint {
+    const TRUST: u8 = 2;
+}
+
+/// The slot holding `addr`, trying `hint` first when it has been right.
 ///
 /// Checking the hint's range against the table being searched is the whole
 /// validation: ranges never overlap, so a slot that contains `addr` is the
 /// right one, whichever table generation the hint came from.
 #[inline(always)]
-fn hinted(table: &Table, hint: &mut usize, addr: u64) -> Option<usize> {
-    let h = *hint;
-    if let (Some(&start), Some(slot)) = (table.starts.get(h), table.slots.get(h))
-        && start <= addr
-        && addr <= slot.last
-    {
-        return Some(h);
+fn hinted(table: &Table, hint: &mut Hint, addr: u64) -> Option<usize> {
+    if hint.streak >= Hint::TRUST {
+        let h = hint.slot;
+        if let (Some(&start), Some(slot)) = (table.starts.get(h), table.slots.get(h))
+            && start <= addr
+            && addr <= slot.last
+        {
+            return Some(h);
+        }
     }
     let i = table.find(addr)?;
-    *hint = i;
+    hint.streak = if i == hint.slot { hint.streak.saturating_add(1) } else { 0 };
+    hint.slot = i;
     Some(i)
 }
 
@@ -83,7 +100,7 @@ fn hinted(table: &Table, hint: &mut usize, addr: u64) -> Option<usize> {
 #[inline(always)]
 fn route(
     table: &Table,
-    hint: &mut usize,
+    hint: &mut Hint,
     addr: u64,
     width: Width,
 ) -> Result<(usize, Access), AccessError> {
@@ -98,32 +115,35 @@ fn route(
     Ok((i, Access { offset: addr - table.starts[i], addr, width, vcpu: None }))
 }
 
+/// The published table, valid for as long as `section` is open.
 #[inline(always)]
-fn load<'g, S>(inner: &Inner<S>, guard: &'g Guard) -> &'g Table {
+pub(super) fn load<'s, S>(inner: &'s Inner<S>, section: &'s Pinned<'_>) -> &'s Table {
+    let _ = section;
     // Acquire pairs with the writer's Release swap: the table behind the
     // pointer is fully built.
-    let table = inner.table.load(Ordering::Acquire, guard);
+    let table = inner.table.load(Ordering::Acquire);
     // SAFETY: the pointer is never null (a table is published at
-    // construction), and the table is not reclaimed while `guard` pins.
-    unsafe { table.deref() }
+    // construction), and a table is freed only after every read section
+    // open when it was unlinked has closed; `section` outlives the borrow.
+    unsafe { &*table }
 }
 
 #[inline(always)]
 pub(super) fn dispatch_read<S>(
     inner: &Inner<S>,
-    guard: &Guard,
+    section: &Pinned<'_>,
     addr: u64,
     width: Width,
     vcpu: Option<u32>,
-    hint: &mut usize,
+    hint: &mut Hint,
 ) -> Result<u64, AccessError> {
-    let table = load(inner, guard);
+    let table = load(inner, section);
     let (i, access) = route(table, hint, addr, width)?;
     let slot = &table.slots[i];
     let _depth = DispatchDepth::enter();
     // SAFETY: the registry's `Arc` for this device is released only by the
-    // deferred destructor of a table that no longer names it, which runs
-    // after `guard` unpins.
+    // retired destructor of a table that no longer names it, which runs
+    // after `section` closes.
     let device = unsafe { &*slot.device };
     device
         .read(Access { vcpu, ..access })
@@ -134,14 +154,14 @@ pub(super) fn dispatch_read<S>(
 #[inline(always)]
 pub(super) fn dispatch_write<S>(
     inner: &Inner<S>,
-    guard: &Guard,
+    section: &Pinned<'_>,
     addr: u64,
     width: Width,
     value: u64,
     vcpu: Option<u32>,
-    hint: &mut usize,
+    hint: &mut Hint,
 ) -> Result<(), AccessError> {
-    let table = load(inner, guard);
+    let table = load(inner, section);
     let (i, access) = route(table, hint, addr, width)?;
     let slot = &table.slots[i];
     let _depth = DispatchDepth::enter();
@@ -187,62 +207,64 @@ pub(super) fn inside_dispatch() -> bool {
     false
 }
 
-/// Runs `f` pinned to `inner`'s collector: through this thread's cached
-/// handle under `std`, through a fresh registration without.
-pub(super) fn with_guard<S: AddressSpace, R>(
+/// Runs `f` with a reader of `inner`'s domain: this thread's cached one
+/// under `std`, a fresh registration without.
+pub(super) fn with_reader<S: AddressSpace, R>(
     inner: &Arc<Inner<S>>,
-    f: impl FnOnce(&Guard) -> R,
+    f: impl FnOnce(&Reader) -> R,
 ) -> R {
     #[cfg(feature = "std")]
-    return cached::with_guard(inner, f);
+    return cached::with_reader(inner, f);
     #[cfg(not(feature = "std"))]
-    f(&inner.collector.register().pin())
+    f(&inner.domain.reader())
 }
 
 #[cfg(feature = "std")]
 mod cached {
-    //! Per-thread epoch handles for the handle-free `IoBus::read`/`write`.
+    //! Per-thread readers for the handle-free `IoBus::read`/`write`.
 
+    use alloc::rc::Rc;
     use alloc::sync::{Arc, Weak};
     use alloc::vec::Vec;
     use core::any::Any;
     use core::cell::RefCell;
 
-    use crossbeam_epoch::{Guard, LocalHandle};
-
-    use super::Inner;
+    use super::{Inner, Reader};
     use crate::addr::AddressSpace;
 
+    /// A bus (by its `Weak`, which pins the allocation so the address is not
+    /// reused, and tells when the bus is gone) and this thread's reader of it.
+    type Entry = (Weak<dyn Any + Send + Sync>, Rc<Reader>);
+
     std::thread_local! {
-        /// One handle per bus this thread has dispatched on. The `Weak`
-        /// identifies the bus (it pins the allocation, so the address is not
-        /// reused) and tells when the bus is gone.
-        static HANDLES: RefCell<Vec<(Weak<dyn Any + Send + Sync>, LocalHandle)>> =
-            const { RefCell::new(Vec::new()) };
+        /// One reader per bus this thread has dispatched on.
+        static READERS: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
     }
 
-    pub(super) fn with_guard<S: AddressSpace, R>(
+    pub(super) fn with_reader<S: AddressSpace, R>(
         inner: &Arc<Inner<S>>,
-        f: impl FnOnce(&Guard) -> R,
+        f: impl FnOnce(&Reader) -> R,
     ) -> R {
         let me = Arc::as_ptr(inner).cast::<()>();
-        let guard = HANDLES.with(|h| {
-            if let Some(guard) = find(&h.borrow(), me) {
-                return guard;
+        let reader = READERS.with(|r| {
+            if let Some(reader) = find(&r.borrow(), me) {
+                return reader;
             }
-            let mut h = h.borrow_mut();
-            h.retain(|(bus, _)| bus.strong_count() > 0);
+            let mut r = r.borrow_mut();
+            r.retain(|(bus, _)| bus.strong_count() > 0);
             let weak: Weak<dyn Any + Send + Sync> = Arc::downgrade(inner) as _;
-            h.push((weak, inner.collector.register()));
-            find(&h, me).expect("handle was just added")
+            r.push((weak, Rc::new(inner.domain.reader())));
+            find(&r, me).expect("reader was just added")
         });
         // The borrow is released before `f` runs, so a device may dispatch
         // on another (or the same) bus from inside `f`.
-        f(&guard)
+        f(&reader)
     }
 
-    fn find(h: &[(Weak<dyn Any + Send + Sync>, LocalHandle)], me: *const ()) -> Option<Guard> {
-        h.iter().find(|(bus, _)| bus.as_ptr().cast::<()>() == me).map(|(_, local)| local.pin())
+    fn find(r: &[Entry], me: *const ()) -> Option<Rc<Reader>> {
+        r.iter()
+            .find(|(bus, _)| bus.as_ptr().cast::<()>() == me)
+            .map(|(_, reader)| Rc::clone(reader))
     }
 }
 
@@ -254,7 +276,9 @@ impl<S: AddressSpace> super::IoBus<S> {
     /// # Errors
     /// As for [`VcpuHandle::read`].
     pub fn read(&self, addr: u64, width: Width) -> Result<u64, AccessError> {
-        with_guard(&self.inner, |g| dispatch_read(&self.inner, g, addr, width, None, &mut 0))
+        with_reader(&self.inner, |r| {
+            dispatch_read(&self.inner, &r.pin(), addr, width, None, &mut Hint::default())
+        })
     }
 
     /// Dispatches a write without a [`VcpuHandle`]; see [`Self::read`].
@@ -262,8 +286,8 @@ impl<S: AddressSpace> super::IoBus<S> {
     /// # Errors
     /// As for [`VcpuHandle::write`].
     pub fn write(&self, addr: u64, width: Width, value: u64) -> Result<(), AccessError> {
-        with_guard(&self.inner, |g| {
-            dispatch_write(&self.inner, g, addr, width, value, None, &mut 0)
+        with_reader(&self.inner, |r| {
+            dispatch_write(&self.inner, &r.pin(), addr, width, value, None, &mut Hint::default())
         })
     }
 }
@@ -272,6 +296,7 @@ impl<S: AddressSpace> super::IoBus<S> {
 mod tests {
     use alloc::sync::Arc;
 
+    use super::Hint;
     use crate::addr::{IoRange, Mmio, Width};
     use crate::bus::IoBus;
     use crate::device::{Access, Device, DeviceError};
@@ -298,25 +323,34 @@ mod tests {
         let a = bus.register(r(0x1000), Arc::new(Tag(1))).unwrap();
         bus.register(r(0x3000), Arc::new(Tag(3))).unwrap();
         let mut h = bus.handle(0);
-        assert_eq!(h.read(0x3010, Width::U8), Ok(3));
-        assert_eq!(h.hint, 1);
+        // Enough repeats that the hint is trusted.
+        for _ in 0..4 {
+            assert_eq!(h.read(0x3010, Width::U8), Ok(3));
+        }
+        assert_eq!((h.hint.slot, h.hint.streak >= Hint::TRUST), (1, true));
 
         // A device below shifts every index: slot 1 is now the device at 0x1000.
         bus.register(r(0x0), Arc::new(Tag(0))).unwrap();
         assert_eq!(h.read(0x1010, Width::U8), Ok(1), "hit through the stale index");
         assert_eq!(h.read(0x3010, Width::U8), Ok(3), "hint misses, search finds it");
-        assert_eq!(h.hint, 2);
+        assert_eq!((h.hint.slot, h.hint.streak), (2, 0), "a miss withdraws the trust");
+        for _ in 0..4 {
+            assert_eq!(h.read(0x3010, Width::U8), Ok(3));
+        }
 
         // The hinted slot moves away: its old address is unmapped, not stale.
         let c = bus.lookup(0x3000).unwrap().0;
         bus.remap(c, r(0x8000)).unwrap();
         assert_eq!(h.read(0x3010, Width::U8), Err(AccessError::Unmapped { addr: 0x3010 }));
-        assert_eq!(h.read(0x8010, Width::U8), Ok(3));
+        for _ in 0..4 {
+            assert_eq!(h.read(0x8010, Width::U8), Ok(3));
+        }
 
-        // The table shrinks below the hint: the index is out of range, not a panic.
+        // The table shrinks below the trusted hint: the index is out of
+        // range, not a panic.
         bus.unregister(a).unwrap();
         bus.unregister(c).unwrap();
-        assert_eq!(h.hint, 2);
+        assert_eq!((h.hint.slot, h.hint.streak >= Hint::TRUST), (2, true));
         assert_eq!(h.read(0x8010, Width::U8), Err(AccessError::Unmapped { addr: 0x8010 }));
         assert_eq!(h.read(0x0010, Width::U8), Ok(0));
         assert!(h.write(0x0010, Width::U8, 1).is_ok());

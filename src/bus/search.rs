@@ -1,8 +1,8 @@
 //! The lookup at the heart of every dispatch: which range starts at or
 //! below an address.
 //!
-//! The search runs right after the pin's full fence, so nothing overlaps it:
-//! its latency is what a dispatch pays. Two shapes, picked by table size:
+//! Both shapes cost the same whatever the guest's address pattern, picked by
+//! table size:
 //!
 //! * up to [`LINEAR_MAX`] starts, count the starts `<= addr` with no branch
 //!   at all (every compare is independent, so the CPU runs them in parallel);

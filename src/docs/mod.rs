@@ -1,0 +1,3 @@
+//! Documentation-only modules: nothing here is code you call.
+
+pub mod performance;
