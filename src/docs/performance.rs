@@ -12,7 +12,7 @@
 //! | [`register`](crate::IoBus::register), [`unregister`](crate::IoBus::unregister), [`remap`](crate::IoBus::remap), [`transaction`](crate::IoBus::transaction) | blocking (one writer lock, never held while device code runs) | copy the table, edit, validate, publish once, retire the old table, reclaim what is due; never waits for readers |
 //! | [`Unplug::wait`] | blocking | until every dispatch that was in progress at the unplug has returned |
 //! | [`Unplug::poll`], [`is_complete`](crate::Unplug::is_complete) | non-blocking (`poll` takes the domain's short internal locks) | |
-//! | [`IoBus::handle`], dropping a handle | blocking (the domain's registry lock, briefly) | register or deregister the reader slot |
+//! | [`IoBus::handle`](crate::IoBus::handle), dropping a handle | blocking (the domain's registry lock, briefly) | register or deregister the reader slot |
 //!
 //! The dispatch path runs a bounded number of steps — at most `log2(n) + 1`
 //! probes of a table of `n` ranges — and never reclaims: retired tables and
@@ -44,20 +44,19 @@
 //!
 //! # Ballpark costs
 //!
-//! Measured on the project's 2-core development machine, which is shared
-//! and often loaded: single thread, medians of `cargo bench --bench
-//! dispatch`. The README's "Performance" section has the full comparison,
+//! Measured on the project's 2-core development machine (AMD EPYC, shared
+//! and often loaded): single thread, `cargo bench --bench dispatch`. The README's "Performance" section has the full comparison,
 //! regenerated from one run by `scripts/perf-table`.
 //!
 //! | operation | cost | backed by |
 //! |---|---|---|
-//! | dispatch through a `VcpuHandle`, uniform addresses, n = 8 … 4096 | ≈ 5–20 ns | `dispatch/uniform-1t/vmio` |
-//! | the same through `IoBus::read` | a few ns more (thread-local lookup) | `dispatch/uniform-1t/vmio_std` |
-//! | dispatch to the device hit last (hot pattern) | the search is skipped | `dispatch/hot-1t/vmio` |
-//! | register or unregister, n = 64 | ≈ 2–5 µs (mostly the `membarrier` call) | `dispatch/writer/vmio/register/64` |
-//! | register or unregister, n = 4096 | ≈ 10 µs | `dispatch/writer/vmio/register/4096` |
-//! | transaction of 100 registers, n = 4096 | ≈ 15–25 µs, one publish | `dispatch/writer/vmio/batch100/4096` |
-//! | instructions per dispatch, n = 64 (floor: 100) | ≈ 165 | `dispatch_instructions` (`vcpu_handle.n64`) |
+//! | dispatch through a `VcpuHandle`, uniform addresses, n = 1 … 4096 | ≈ 4–18 ns (floor: 3–15 ns) | `dispatch/uniform-1t/vmio` |
+//! | the same through `IoBus::read` | ≈ 3–7 ns more (thread-local lookup, no hint) | `dispatch/uniform-1t/vmio_std` |
+//! | dispatch to a device the vCPU keeps hitting (hot pattern) | ≈ 5–7 ns at any n: the search is skipped | `dispatch/hot-1t/vmio` |
+//! | register or unregister, n = 64 | ≈ 1 µs | `dispatch/writer/vmio/register/64` |
+//! | register or unregister, n = 4096 | ≈ 4 µs | `dispatch/writer/vmio/register/4096` |
+//! | transaction of 100 registers, n = 4096 | ≈ 11 µs, one publish | `dispatch/writer/vmio/batch100/4096` |
+//! | instructions per dispatch, n = 64 (floor: 100) | ≈ 160 | `dispatch_instructions` (`vcpu_handle.n64`) |
 //!
 //! Where the time goes, from the cheapest table up:
 //!
