@@ -16,11 +16,13 @@
 //! - proptest strategies: [`chain`] (well-formed chains as [`ChainSpec`]),
 //!   [`queue_size`], [`garbage`] (ring bytes biased towards edge values).
 //! - [`fuzz_mmio`]: the body of the virtio-mmio fuzz target, so its corpus
-//!   replays under an ordinary `cargo test`.
+//!   replays under an ordinary `cargo test`; [`fuzz_blk`] the same for the
+//!   virtio-blk target.
 //! - [`GuestAlloc`]: a bump allocator for buffers in guest memory.
 
 mod echo;
 mod fuzz;
+mod fuzz_blk;
 mod hostile;
 mod mmio;
 mod queue;
@@ -28,6 +30,7 @@ mod strategies;
 
 pub use echo::{ECHO_CONFIG_LEN, ECHO_DEVICE_TYPE, EchoDevice};
 pub use fuzz::{FUZZ_RAM, fuzz_mmio};
+pub use fuzz_blk::{FUZZ_BLK_RAM, fuzz_blk};
 pub use hostile::{Expect, Hostile, HostileEnv};
 #[cfg(feature = "std")]
 pub use mmio::BusIo;
