@@ -65,9 +65,12 @@
 //!   same whatever the guest's address pattern, unlike a branchy search,
 //!   which is fast only while the branch predictor can learn the stream.
 //!   The floor in the benchmark uses this same code.
-//! * **The hint.** Each handle remembers the slot of its last hit and checks
+//! * **The hint.** Above 16 ranges, each handle remembers the slot of its
+//!   last hit and, once the vCPU has come back to it twice in a row, checks
 //!   it first (against the current table, so it can never misroute). A vCPU
-//!   that keeps hitting one device pays two compares instead of a search.
+//!   that keeps hitting one device pays two compares instead of a search; a
+//!   vCPU that scatters rarely pays for a wrong guess. Small tables skip it:
+//!   counting 16 starts costs about what keeping the hint does.
 //! * **The rest of a dispatch** over the floor's: the section counter, the
 //!   hint check, the dispatch-depth marker that lets an unplug wait detect a
 //!   call from device code, and the richer `Result` (the error names the
