@@ -17,8 +17,10 @@
 //! OS, an old kernel, Miri), readers fall back to a `SeqCst` fence on entry and
 //! the reclaimer to a `SeqCst` fence: the textbook pairing.
 //!
-//! Reclamation (`Domain::reclaim`, run by writers after each publish and by
-//! unplug polls and waits) never blocks on readers: it fences, records which
+//! Reclamation (`Domain::reclaim`, run by unplug polls and waits, and by
+//! writers once [`RECLAIM_BATCH`] retired items have piled up: each call
+//! interrupts every CPU running a vCPU, so writers batch) never blocks on
+//! readers: it fences, records which
 //! readers were inside a section, and runs a retired item's destructor once
 //! each of those has left it. Lock order: `retired`, then `readers`.
 
@@ -30,6 +32,9 @@ use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU64, Ordering, fence};
 
 use crate::sync::Mutex;
+
+/// Retired items a writer lets pile up before it reclaims.
+const RECLAIM_BATCH: usize = 8;
 
 /// One reader's section counter, alone on its cache lines so vCPUs never
 /// write a line another vCPU reads on its own hot path.
@@ -76,6 +81,14 @@ impl Domain {
     /// `free` frees, so that no section beginning later can reach it.
     pub(crate) fn retire(&self, free: Box<dyn FnOnce() + Send>) {
         self.retired.lock().push(Retired { free, waiting: None });
+    }
+
+    /// [`Self::reclaim`], once enough has been retired since the last one
+    /// to be worth a `membarrier` (it interrupts every CPU running a vCPU).
+    pub(crate) fn reclaim_if_due(&self) {
+        if self.retired.lock().len() >= RECLAIM_BATCH {
+            self.reclaim();
+        }
     }
 
     /// Frees every retired item whose grace period is over; never waits.

@@ -270,8 +270,9 @@ impl<S: AddressSpace> IoBus<S> {
             flag.store(true, Ordering::Release);
         }));
         drop(registry);
-        // Outside the lock: this may run device destructors.
-        self.inner.domain.reclaim();
+        // Outside the lock: this may run device destructors. Batched, since
+        // each reclaim interrupts the vCPUs; unplug waits reclaim at once.
+        self.inner.domain.reclaim_if_due();
         Ok(Committed {
             registered,
             unplug: Unplug { done, domain: Arc::clone(&self.inner.domain) },

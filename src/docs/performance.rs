@@ -16,9 +16,9 @@
 //!
 //! The dispatch path runs a bounded number of steps — at most `log2(n) + 1`
 //! probes of a table of `n` ranges — and never reclaims: retired tables and
-//! the bus's last references to unplugged devices are freed by writers and
-//! by unplug polls and waits, so no device's `Drop` runs on a vCPU thread
-//! in the middle of a dispatch.
+//! the bus's last references to unplugged devices are freed by unplug polls
+//! and waits, and by writers once eight retired tables have piled up, so no
+//! device's `Drop` runs on a vCPU thread in the middle of a dispatch.
 //!
 //! # Why readers need no fence
 //!
@@ -76,8 +76,11 @@
 //!   call from device code, and the richer `Result` (the error names the
 //!   address and the device) — about 65 instructions at n = 64.
 //! * **Writers** copy the whole table (8 bytes of start and a 32-byte slot
-//!   per range), allocate the new one and make one `membarrier` call to
-//!   reclaim: linear in `n`, never waiting for vCPUs.
+//!   per range) and allocate the new one: linear in `n`, never waiting for
+//!   vCPUs. Every eighth publish also reclaims, with one `membarrier` call:
+//!   it interrupts each CPU running a vCPU for a moment, which is why it is
+//!   batched (readers beside a 10,000 edits/s writer kept 87 % of their rate
+//!   at n = 64 reclaiming on every publish, 95 % batched).
 //!
 //! # Regression checks
 //!
