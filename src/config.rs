@@ -35,12 +35,12 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::addr::{AddressSpace, IoRange, Mmio, Pio, SysReg};
+use crate::addr::{AddressSpace, Mmio, Pio, SysReg};
 use crate::error::RangeError;
 
 /// The address space a device lives in: which of the manager's buses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[cfg_attr(feature = "config", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "config", derive(serde::Serialize))]
 #[cfg_attr(feature = "config", serde(rename_all = "lowercase"))]
 pub enum Space {
     /// Memory-mapped I/O.
@@ -82,21 +82,6 @@ impl Space {
             Space::SysReg => SysReg::LAST,
         }
     }
-
-    /// Validates `base`/`length` as a range of this space: `(start, last)`.
-    ///
-    /// # Errors
-    /// [`RangeError`] for an empty range or one running past the space.
-    pub fn range(self, base: u64, length: u64) -> Result<(u64, u64), RangeError> {
-        fn check<S: AddressSpace>(base: u64, length: u64) -> Result<(u64, u64), RangeError> {
-            IoRange::<S>::new(base, length).map(|r| (r.start(), r.last()))
-        }
-        match self {
-            Space::Mmio => check::<Mmio>(base, length),
-            Space::Pio => check::<Pio>(base, length),
-            Space::SysReg => check::<SysReg>(base, length),
-        }
-    }
 }
 
 impl fmt::Display for Space {
@@ -107,7 +92,7 @@ impl fmt::Display for Space {
 
 /// The value of one device parameter.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "config", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "config", derive(serde::Serialize))]
 #[cfg_attr(feature = "config", serde(untagged))]
 pub enum ParamValue {
     /// A boolean (`read_only = true`).
@@ -171,21 +156,23 @@ impl fmt::Display for ParamValue {
 /// assert_eq!(disk.param("serial").map(|v| v.to_string()).as_deref(), Some("\"disk0\""));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "config", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "config", derive(serde::Serialize))]
 pub struct DeviceConfig {
     /// Unique name within the VM; hot-plug refers to devices by it.
     pub name: String,
     /// Device kind, looked up in the [`DeviceKinds`](crate::DeviceKinds) registry.
     pub kind: String,
     /// First address in the device's address space (which the kind decides).
+    #[cfg_attr(feature = "config", serde(serialize_with = "toml_load::address"))]
     pub base: u64,
     /// Size of the decoded window in bytes (ports for port I/O).
+    #[cfg_attr(feature = "config", serde(serialize_with = "toml_load::address"))]
     pub length: u64,
     /// Interrupt line, if the device raises one. No two devices share a line.
-    #[cfg_attr(feature = "config", serde(default))]
+    #[cfg_attr(feature = "config", serde(skip_serializing_if = "Option::is_none"))]
     pub irq: Option<u32>,
     /// Kind-specific parameters.
-    #[cfg_attr(feature = "config", serde(default))]
+    #[cfg_attr(feature = "config", serde(skip_serializing_if = "BTreeMap::is_empty"))]
     pub params: BTreeMap<String, ParamValue>,
 }
 
@@ -347,10 +334,9 @@ fn parse_int(s: &str) -> Option<u64> {
 /// TOML integers are signed 64-bit: an address above `i64::MAX` may be
 /// written as a string (`base = "0xffff_ffff_ffff_f000"`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "config", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "config", derive(serde::Serialize))]
 pub struct VmDeviceConfig {
     /// The devices, built in order.
-    #[cfg_attr(feature = "config", serde(default))]
     pub devices: Vec<DeviceConfig>,
 }
 
@@ -369,8 +355,12 @@ impl VmDeviceConfig {
 
     /// Parses a TOML VM description (format in the type's docs).
     ///
-    /// Unlike plain serde deserialization, every error names the device (its
-    /// `name`, or `devices[i]` when the name itself is missing) and the field.
+    /// This is the crate's only TOML parser: the serde `Deserialize` impls
+    /// of [`VmDeviceConfig`], [`DeviceConfig`], [`ParamValue`] and
+    /// [`Space`] go through it too, so `toml::from_str` accepts and refuses
+    /// exactly what this does. Every error names the device (its `name`,
+    /// or `devices[i]` when the name itself is missing) and the field; an
+    /// unknown key lists the keys expected there.
     ///
     /// # Errors
     /// [`ConfigError`] with device `"<toml>"` for a syntax error, otherwise
@@ -382,30 +372,52 @@ impl VmDeviceConfig {
 
     /// Reads and parses a TOML VM description file.
     ///
+    /// A relative `path` parameter (a `virtio-blk` disk image, or any
+    /// kind's parameter named `path`) is resolved against the folder that
+    /// holds the TOML file, not the working directory, so a VM file and its
+    /// images can move together.
+    ///
     /// # Errors
-    /// As [`Self::from_toml`]; an unreadable file is reported with the path
-    /// as the device and field `"file"`.
+    /// As [`Self::from_toml`], with the file's path in place of `"<toml>"`;
+    /// an unreadable file is [`ConfigErrorKind::Io`], naming the path and
+    /// the I/O error.
     #[cfg(all(feature = "config", feature = "std"))]
     pub fn from_toml_file(path: impl AsRef<std::path::Path>) -> Result<Self, ConfigError> {
         use alloc::string::ToString;
 
         let path = path.as_ref();
+        let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            device: path.display().to_string(),
-            field: "file".into(),
-            kind: ConfigErrorKind::Failed(e.to_string()),
+            device: shown.clone(),
+            field: String::new(),
+            kind: ConfigErrorKind::Io { path: shown.clone(), error: e.to_string() },
         })?;
-        Self::from_toml(&text)
+        let mut vm = Self::from_toml(&text).map_err(|mut e| {
+            if e.device == "<toml>" {
+                e.device = shown.clone();
+            }
+            e
+        })?;
+        let folder = path.parent().unwrap_or_else(|| std::path::Path::new(""));
+        for device in &mut vm.devices {
+            if let Some(ParamValue::Str(p)) = device.params.get_mut("path") {
+                if std::path::Path::new(p.as_str()).is_relative() {
+                    *p = folder.join(p.as_str()).to_string_lossy().into_owned();
+                }
+            }
+        }
+        Ok(vm)
     }
 }
 
 /// A configuration the manager refuses: which device, which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    /// The device's name (or `devices[i]` when it has none).
+    /// The device's name (or `devices[i]` when it has none; `"<toml>"` or
+    /// the file's path for an error in the TOML text or file itself).
     pub device: String,
     /// The offending field: `kind`, `base`, `length`, `irq`, `name` or
-    /// `params.<key>`.
+    /// `params.<key>` (empty when the file itself is at fault).
     pub field: String,
     /// What is wrong with it.
     pub kind: ConfigErrorKind,
@@ -413,13 +425,18 @@ pub struct ConfigError {
 
 /// What is wrong with a configuration field.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConfigErrorKind {
     /// No constructor is registered for this kind.
     UnknownKind(String),
     /// A field or parameter the kind requires is absent.
     MissingParam,
-    /// A parameter the kind does not take (likely a typo).
-    UnknownParam,
+    /// A key not taken here (likely a typo, or a kind parameter written
+    /// outside `params`).
+    UnknownParam {
+        /// The keys taken here, comma-separated (empty when none is).
+        expected: String,
+    },
     /// A field or parameter has a value the kind cannot use.
     InvalidValue {
         /// What would have been accepted.
@@ -445,15 +462,30 @@ pub enum ConfigErrorKind {
     NoGuestMemory,
     /// The kind's constructor failed (a backend file could not be opened…).
     Failed(String),
+    /// The configuration file could not be read.
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error, as the OS reported it.
+        error: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let ConfigErrorKind::Io { path, error } = &self.kind {
+            return write!(f, "cannot read `{path}`: {error}");
+        }
         write!(f, "device `{}`, field `{}`: ", self.device, self.field)?;
         match &self.kind {
             ConfigErrorKind::UnknownKind(k) => write!(f, "unknown device kind `{k}`"),
             ConfigErrorKind::MissingParam => f.write_str("missing"),
-            ConfigErrorKind::UnknownParam => f.write_str("not a parameter of this kind"),
+            ConfigErrorKind::UnknownParam { expected } if expected.is_empty() => {
+                f.write_str("unknown key; none is taken here")
+            }
+            ConfigErrorKind::UnknownParam { expected } => {
+                write!(f, "unknown key; expected one of: {expected}")
+            }
             ConfigErrorKind::InvalidValue { expected } => write!(f, "expected {expected}"),
             ConfigErrorKind::DuplicateName => f.write_str("name already in use"),
             ConfigErrorKind::Range(e) => e.fmt(f),
@@ -466,6 +498,7 @@ impl fmt::Display for ConfigError {
                 f.write_str("this kind needs the manager's guest memory")
             }
             ConfigErrorKind::Failed(why) => f.write_str(why),
+            ConfigErrorKind::Io { .. } => Ok(()),
         }
     }
 }
@@ -473,29 +506,44 @@ impl core::error::Error for ConfigError {}
 
 #[cfg(feature = "config")]
 mod toml_load {
-    //! TOML to [`VmDeviceConfig`], by hand so every error can name its device.
+    //! TOML to configuration, by hand so every error can name its device
+    //! and list what was expected; the serde impls delegate here.
 
     use alloc::format;
     use alloc::string::{String, ToString};
     use alloc::vec::Vec;
 
+    use serde::de::{Deserialize, Deserializer, Error as _};
+    use serde::ser::Serializer;
     use toml::{Table, Value};
 
     use super::{
-        ConfigError, ConfigErrorKind, DeviceConfig, ParamValue, VmDeviceConfig, parse_int,
+        ConfigError, ConfigErrorKind, DeviceConfig, ParamValue, Space, VmDeviceConfig, parse_int,
     };
+
+    /// The keys of a `[[devices]]` table.
+    const DEVICE_KEYS: &str =
+        "name, kind, base, length, irq, params (kind parameters go inside `params`)";
 
     fn err(device: &str, field: &str, kind: ConfigErrorKind) -> ConfigError {
         ConfigError { device: device.into(), field: field.into(), kind }
     }
 
+    fn unknown(device: &str, field: &str, expected: &str) -> ConfigError {
+        err(device, field, ConfigErrorKind::UnknownParam { expected: expected.into() })
+    }
+
     pub(super) fn parse(text: &str) -> Result<VmDeviceConfig, ConfigError> {
         let root: Table = toml::from_str(text)
             .map_err(|e| err("<toml>", "syntax", ConfigErrorKind::Failed(e.to_string())))?;
+        vm(&root)
+    }
+
+    fn vm(root: &Table) -> Result<VmDeviceConfig, ConfigError> {
         let mut devices = Vec::new();
-        for (key, value) in &root {
+        for (key, value) in root {
             if key != "devices" {
-                return Err(err("<toml>", key, ConfigErrorKind::UnknownParam));
+                return Err(unknown("<toml>", key, "devices (one `[[devices]]` table each)"));
             }
             let Value::Array(list) = value else {
                 return Err(err(
@@ -532,6 +580,12 @@ mod toml_load {
             None => return Err(err(label, "name", ConfigErrorKind::MissingParam)),
         };
         let n = name.as_str();
+        if let Some(key) = t
+            .keys()
+            .find(|k| !matches!(k.as_str(), "name" | "kind" | "base" | "length" | "irq" | "params"))
+        {
+            return Err(unknown(n, key, DEVICE_KEYS));
+        }
         let kind = match t.get("kind") {
             Some(Value::String(s)) => s.clone(),
             Some(_) => {
@@ -556,38 +610,13 @@ mod toml_load {
             .transpose()?;
         let mut cfg = DeviceConfig::new(name.clone(), kind, base, length);
         cfg.irq = irq;
-        for key in t.keys() {
-            if !matches!(key.as_str(), "name" | "kind" | "base" | "length" | "irq" | "params") {
-                return Err(err(n, key, ConfigErrorKind::UnknownParam));
-            }
-        }
         match t.get("params") {
             None => {}
             Some(Value::Table(params)) => {
                 for (k, v) in params {
-                    let field = format!("params.{k}");
-                    let value = match v {
-                        Value::Boolean(b) => ParamValue::Bool(*b),
-                        Value::String(s) => ParamValue::Str(s.clone()),
-                        Value::Integer(i) => ParamValue::Int(u64::try_from(*i).map_err(|_| {
-                            err(
-                                n,
-                                &field,
-                                ConfigErrorKind::InvalidValue {
-                                    expected: "a non-negative integer",
-                                },
-                            )
-                        })?),
-                        _ => {
-                            return Err(err(
-                                n,
-                                &field,
-                                ConfigErrorKind::InvalidValue {
-                                    expected: "a boolean, an integer or a string",
-                                },
-                            ));
-                        }
-                    };
+                    let value = param(v).map_err(|expected| {
+                        err(n, &format!("params.{k}"), ConfigErrorKind::InvalidValue { expected })
+                    })?;
                     cfg.params.insert(String::from(k.as_str()), value);
                 }
             }
@@ -602,6 +631,17 @@ mod toml_load {
         Ok(cfg)
     }
 
+    fn param(v: &Value) -> Result<ParamValue, &'static str> {
+        match v {
+            Value::Boolean(b) => Ok(ParamValue::Bool(*b)),
+            Value::String(s) => Ok(ParamValue::Str(s.clone())),
+            Value::Integer(i) => {
+                u64::try_from(*i).map(ParamValue::Int).map_err(|_| "a non-negative integer")
+            }
+            _ => Err("a boolean, an integer or a string"),
+        }
+    }
+
     fn int(device: &str, field: &str, v: Option<&Value>) -> Result<Option<u64>, ConfigError> {
         let bad = || {
             err(device, field, ConfigErrorKind::InvalidValue { expected: "a non-negative integer" })
@@ -611,6 +651,43 @@ mod toml_load {
             Some(Value::Integer(i)) => u64::try_from(*i).map(Some).map_err(|_| bad()),
             Some(Value::String(s)) => parse_int(s).map(Some).ok_or_else(bad),
             Some(_) => Err(bad()),
+        }
+    }
+
+    /// Serializes an address as a TOML integer, or as a hex string above
+    /// `i64::MAX` (TOML integers are signed), which [`int`] reads back.
+    pub(super) fn address<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        match i64::try_from(*v) {
+            Ok(i) => s.serialize_i64(i),
+            Err(_) => s.serialize_str(&format!("{v:#x}")),
+        }
+    }
+
+    impl<'de> Deserialize<'de> for VmDeviceConfig {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            vm(&Table::deserialize(d)?).map_err(D::Error::custom)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for DeviceConfig {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            device("<device>", &Table::deserialize(d)?).map_err(D::Error::custom)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for ParamValue {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            param(&Value::deserialize(d)?)
+                .map_err(|expected| D::Error::custom(format!("expected {expected}")))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Space {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let name = String::deserialize(d)?;
+            Space::from_name(&name).ok_or_else(|| {
+                D::Error::custom(format!("unknown space `{name}`: expected mmio, pio or sysreg"))
+            })
         }
     }
 }

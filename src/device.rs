@@ -1,5 +1,6 @@
 //! The `Device` trait every bus calls, and the adapter for `&mut self` devices.
 
+use alloc::sync::Arc;
 use core::fmt;
 
 use crate::addr::Width;
@@ -20,12 +21,21 @@ pub struct Access {
 
 /// What a device can answer instead of a value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DeviceError {
     /// Nothing is decoded at this offset.
     InvalidOffset(u64),
     /// The register exists but not at this width.
     InvalidWidth(Width),
-    /// The register is read-only (for a write) or write-only (for a read).
+    /// The access is a width the register takes, at an offset not aligned
+    /// to it (a 4-byte read at offset 2 of a 32-bit register).
+    Misaligned {
+        /// The offset of the access.
+        offset: u64,
+        /// Its width.
+        width: Width,
+    },
+    /// The register is read-only: a write was refused.
     ReadOnly,
     /// The register is write-only.
     WriteOnly,
@@ -38,6 +48,9 @@ impl fmt::Display for DeviceError {
         match self {
             DeviceError::InvalidOffset(o) => write!(f, "nothing decoded at offset {o:#x}"),
             DeviceError::InvalidWidth(w) => write!(f, "{}-byte access not supported", w.bytes()),
+            DeviceError::Misaligned { offset, width } => {
+                write!(f, "{}-byte access at offset {offset:#x} is misaligned", width.bytes())
+            }
             DeviceError::ReadOnly => f.write_str("register is read-only"),
             DeviceError::WriteOnly => f.write_str("register is write-only"),
             DeviceError::Failed(why) => f.write_str(why),
@@ -64,6 +77,20 @@ pub trait Device: Send + Sync {
     /// # Errors
     /// Whatever the device refuses; the bus passes it on to the caller.
     fn write(&self, access: Access, value: u64) -> Result<(), DeviceError>;
+}
+
+/// A shared device is a device: lets an `Arc<dyn Device>` (or an `Arc` a
+/// VMM keeps a second handle to) go wherever a `Device` does, e.g.
+/// [`DeviceManager::add_device`](crate::DeviceManager::add_device).
+impl<D: Device + ?Sized> Device for Arc<D> {
+    #[inline]
+    fn read(&self, access: Access) -> Result<u64, DeviceError> {
+        (**self).read(access)
+    }
+    #[inline]
+    fn write(&self, access: Access, value: u64) -> Result<(), DeviceError> {
+        (**self).write(access, value)
+    }
 }
 
 /// A device written against `&mut self`; wrap it in [`Locked`] to put it on a bus.

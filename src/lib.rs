@@ -87,5 +87,6 @@ pub use devices::{
 pub use error::{AccessError, BusError, RangeError, WaitError, WidthError};
 pub use irq::{InterruptController, IrqLine, RecordingController};
 pub use manager::{
-    DeviceInfo, DeviceManager, DeviceManagerBuilder, ManagerError, MissPolicy, VcpuIo,
+    DeviceInfo, DeviceManager, DeviceManagerBuilder, DispatchError, LogLevel, ManagerError,
+    MissPolicy, VcpuIo,
 };

@@ -115,7 +115,7 @@ fn every_config_error_names_device_and_field_and_registers_nothing() {
         (
             uart("x", 0x2f8).with_param("baud", 9600u64),
             "params.baud",
-            ConfigErrorKind::UnknownParam,
+            ConfigErrorKind::UnknownParam { expected: "space, reg_shift, output".into() },
         ),
         (
             uart("x", 0x2f8).with_param("space", "dma"),
@@ -259,7 +259,11 @@ fn example_toml_file_builds_and_bad_files_are_named() {
     let vm = VmDeviceConfig::from_toml_file(path).unwrap();
     assert!(vm.devices.iter().any(|d| d.kind == "uart16550"));
     let e = VmDeviceConfig::from_toml_file("/nonexistent/vm.toml").unwrap_err();
-    assert_eq!((e.device.as_str(), e.field.as_str()), ("/nonexistent/vm.toml", "file"));
+    let ConfigErrorKind::Io { path, error } = &e.kind else { panic!("{e}") };
+    assert_eq!(path, "/nonexistent/vm.toml");
+    let os = std::fs::read("/nonexistent/vm.toml").unwrap_err().to_string();
+    assert_eq!(error, &os);
+    assert_eq!(e.to_string(), format!("cannot read `/nonexistent/vm.toml`: {os}"));
 
     let text = "[[devices]]\nname = 'com1'\nkind = 'uart16550'\nbase = 0x3f8\nlength = 8\n\
                 params = { output = 'discard' }\n\

@@ -73,9 +73,12 @@ fn miss_policies_apply_per_bus_and_never_hide_other_errors() {
         .unwrap();
     // MMIO: default Error.
     assert_eq!(m.miss_policy(Space::Mmio), MissPolicy::Error);
-    assert_eq!(m.handle_mmio_read(0x2000, Width::U32), Err(AccessError::Unmapped { addr: 0x2000 }));
     assert_eq!(
-        m.handle_mmio_write(0x2000, Width::U32, 1),
+        m.handle_mmio_read(0x2000, Width::U32).map_err(|e| e.error),
+        Err(AccessError::Unmapped { addr: 0x2000 })
+    );
+    assert_eq!(
+        m.handle_mmio_write(0x2000, Width::U32, 1).map_err(|e| e.error),
         Err(AccessError::Unmapped { addr: 0x2000 })
     );
     // Port I/O: all ones at every width, writes dropped.
@@ -84,7 +87,11 @@ fn miss_policies_apply_per_bus_and_never_hide_other_errors() {
         assert_eq!(m.handle_port_write(0x80, w, 0), Ok(()));
     }
     // A straddle or a device refusal is never a "miss".
-    assert!(matches!(m.handle_port_read(0x71, Width::U16), Err(AccessError::Straddles { .. })));
+    let e = m.handle_port_read(0x71, Width::U16).unwrap_err();
+    assert!(matches!(e.error, AccessError::Straddles { .. }), "{e}");
+    // Manager-level errors name the device, not its per-bus id.
+    assert_eq!(e.device.as_deref(), Some("q"));
+    assert_eq!(e.to_string(), "2-byte pio access at 0x71 runs past the end of device `q`");
 
     // System registers: logged at the chosen level, then all ones.
     let logs = logs();
@@ -102,7 +109,7 @@ fn miss_policies_apply_per_bus_and_never_hide_other_errors() {
     // Policies change at run time and reach existing vCPU handles.
     let mut vcpu = m.vcpu(3);
     assert_eq!(
-        vcpu.handle_mmio_read(0x2000, Width::U8),
+        vcpu.handle_mmio_read(0x2000, Width::U8).map_err(|e| e.error),
         Err(AccessError::Unmapped { addr: 0x2000 })
     );
     m.set_miss_policy(Space::Mmio, MissPolicy::Log(log::Level::Trace));
@@ -205,7 +212,10 @@ fn move_and_remove_by_name() {
         ]))
         .unwrap();
     m.move_device("a", 0x8000).unwrap().wait().unwrap();
-    assert_eq!(m.handle_mmio_read(0x1010, Width::U8), Err(AccessError::Unmapped { addr: 0x1010 }));
+    assert_eq!(
+        m.handle_mmio_read(0x1010, Width::U8).map_err(|e| e.error),
+        Err(AccessError::Unmapped { addr: 0x1010 })
+    );
     assert_eq!(m.handle_mmio_read(0x8010, Width::U8), Ok(0x10));
     assert_eq!(m.info("a").unwrap().config.base, 0x8000);
     // A move onto another device names it, and moves nothing.

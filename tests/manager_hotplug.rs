@@ -8,10 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use vmio::{
-    Access, AccessError, Built, Device, DeviceConfig, DeviceError, DeviceKinds, DeviceManager,
-    Width,
-};
+use vmio::{Access, Built, Device, DeviceConfig, DeviceError, DeviceKinds, DeviceManager, Width};
 
 const BASE: u64 = 0x4000_0000;
 const SLOT: u64 = 0x1000;
@@ -102,13 +99,13 @@ fn add_move_remove_by_name_while_vcpus_dispatch() {
                             match io.handle_mmio_read(addr, Width::U32) {
                                 Ok(v) if v == offset & 0xffff_ffff => {}
                                 Ok(_) => misrouted += 1,
-                                Err(AccessError::Unmapped { .. }) => {}
+                                Err(e) if e.is_unmapped() => {}
                                 Err(_) => misrouted += 1,
                             }
                         } else {
                             match io.handle_mmio_write(addr, Width::U64, rng) {
                                 Ok(()) => acked += 1,
-                                Err(AccessError::Unmapped { .. }) => {}
+                                Err(e) if e.is_unmapped() => {}
                                 Err(_) => misrouted += 1,
                             }
                         }

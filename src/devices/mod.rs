@@ -80,13 +80,59 @@ struct Kind {
 }
 
 /// Maps kind names to constructors. [`DeviceKinds::default`] holds the
-/// built-in kinds; a VMM adds its own with [`DeviceKinds::register`].
+/// built-in kinds; a VMM adds its own with [`DeviceKinds::with`] (by value,
+/// for a builder chain) or [`DeviceKinds::register`] (through `&mut`).
 ///
 /// | kind | bus | params |
 /// |---|---|---|
 /// | `uart16550` | `pio` (or `space = "mmio"`) | `space`, `reg_shift`, `output` (`"console"`, `"stdout"`, `"stderr"`, `"discard"`) |
 /// | `reserved` | `mmio` (or `space`) | `space`, `value` (read value, default all ones) |
 /// | `virtio-blk` | `mmio` (≥ 0x200 bytes, needs `irq` and the manager's guest memory) | `path` (disk image) or `ram_size` (bytes, ≤ [`MAX_RAM_DISK`]), `read_only`, `queues`, `queue_size`, `serial` (≤ 20 bytes), `trigger` (`"level"` or `"edge"`) |
+///
+/// # Example
+///
+/// A custom kind: a bank of 64-bit scratch registers whose count comes from
+/// the configuration, next to the built-in kinds.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use vmio::{Access, Built, DeviceConfig, DeviceError, DeviceKinds, DeviceManager, Space, Width};
+///
+/// struct Scratch(Vec<AtomicU64>);
+///
+/// impl vmio::Device for Scratch {
+///     fn read(&self, a: Access) -> Result<u64, DeviceError> {
+///         let reg = self.0.get(a.offset as usize / 8).ok_or(DeviceError::InvalidOffset(a.offset))?;
+///         Ok(reg.load(Ordering::Relaxed))
+///     }
+///     fn write(&self, a: Access, value: u64) -> Result<(), DeviceError> {
+///         let reg = self.0.get(a.offset as usize / 8).ok_or(DeviceError::InvalidOffset(a.offset))?;
+///         reg.store(value, Ordering::Relaxed);
+///         Ok(())
+///     }
+/// }
+///
+/// let kinds = DeviceKinds::default().with("scratch", &["registers"], |env| {
+///     let cfg = env.config;
+///     let n = cfg.param_u64("registers")?.unwrap_or(1);
+///     if n == 0 || n * 8 > cfg.length {
+///         return Err(cfg.invalid("registers", "at least 1, and 8 bytes each within `length`"));
+///     }
+///     let regs = (0..n).map(|_| AtomicU64::new(0)).collect();
+///     Ok(Built::new(Space::Mmio, Arc::new(Scratch(regs))))
+/// });
+/// let manager = DeviceManager::builder().kinds(kinds).build_empty();
+/// manager.add(DeviceConfig::new("scratch0", "scratch", 0x9000_0000, 0x20).with_param("registers", 4u64))?;
+/// manager.handle_mmio_write(0x9000_0018, Width::U64, 7)?;
+/// assert_eq!(manager.handle_mmio_read(0x9000_0018, Width::U64)?, 7);
+///
+/// // A parameter the kind does not take is refused, listing those it does.
+/// let typo = DeviceConfig::new("scratch1", "scratch", 0x9000_1000, 0x20).with_param("regs", 4u64);
+/// let e = manager.add(typo).unwrap_err().to_string();
+/// assert!(e.ends_with("field `params.regs`: unknown key; expected one of: registers"), "{e}");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
 pub struct DeviceKinds {
     kinds: BTreeMap<String, Kind>,
@@ -114,8 +160,23 @@ impl DeviceKinds {
         DeviceKinds { kinds: BTreeMap::new() }
     }
 
+    /// This registry with kind `name` added (or replaced), taking parameters
+    /// `params`; the by-value form of [`Self::register`], for builder chains:
+    /// `DeviceKinds::default().with(..).with(..)`.
+    #[must_use]
+    pub fn with(
+        mut self,
+        name: &str,
+        params: &[&str],
+        build: impl Fn(&BuildEnv<'_>) -> Result<Built, ConfigError> + Send + Sync + 'static,
+    ) -> Self {
+        self.register(name, params, build);
+        self
+    }
+
     /// Adds (or replaces) kind `name`, taking parameters `params` (any other
-    /// parameter in a config is refused as a likely typo).
+    /// parameter in a config is refused as a likely typo, with the list of
+    /// those the kind takes).
     pub fn register(
         &mut self,
         name: &str,
@@ -147,7 +208,8 @@ impl DeviceKinds {
         if let Some(unknown) = cfg.params.keys().find(|p| !kind.params.contains(p)) {
             let mut field = String::from("params.");
             field.push_str(unknown);
-            return Err(cfg.error(field, ConfigErrorKind::UnknownParam));
+            let expected = kind.params.join(", ");
+            return Err(cfg.error(field, ConfigErrorKind::UnknownParam { expected }));
         }
         (kind.build)(env)
     }

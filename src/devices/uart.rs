@@ -156,6 +156,12 @@ impl Regs {
 /// A 16550A UART on port I/O (or MMIO, with `reg_shift` for 32-bit-spaced
 /// registers).
 ///
+/// Its registers are 8 bits wide. An access wider than the register
+/// spacing (a 2- or 8-byte access to a PC UART) is refused with
+/// [`DeviceError::InvalidWidth`] instead of being cut to its low byte; with
+/// `reg_shift` 2, 1-, 2- and 4-byte accesses reach the register in the low
+/// byte of each 4-byte slot.
+///
 /// Lock order: the register lock, then the output callback and the
 /// interrupt line (both leaves: they must not call back into the UART).
 pub struct Uart16550 {
@@ -242,11 +248,22 @@ impl Uart16550 {
         self.regs.lock().level
     }
 
-    fn register(&self, offset: u64) -> Result<u64, DeviceError> {
+    /// The register `access` addresses. An access may be as wide as the
+    /// register spacing (`1 << reg_shift` bytes): byte accesses only at the
+    /// PC's spacing of 1, up to 32-bit accesses for the 32-bit-spaced MMIO
+    /// UARTs that drivers reach with `readl`/`writel`. The register is the
+    /// low byte; reads return zero above it, writes ignore it. A wider
+    /// access is refused rather than cut to its low byte: on a real bus it
+    /// would touch the neighbouring registers too.
+    fn register(&self, access: Access) -> Result<u64, DeviceError> {
+        let offset = access.offset;
         let mask = (1u64 << self.reg_shift) - 1;
         let reg = offset >> self.reg_shift;
         if offset & mask != 0 || reg > SCR {
             return Err(DeviceError::InvalidOffset(offset));
+        }
+        if access.width.bytes() > 1 << self.reg_shift {
+            return Err(DeviceError::InvalidWidth(access.width));
         }
         Ok(reg)
     }
@@ -260,7 +277,7 @@ impl core::fmt::Debug for Uart16550 {
 
 impl Device for Uart16550 {
     fn read(&self, access: Access) -> Result<u64, DeviceError> {
-        let reg = self.register(access.offset)?;
+        let reg = self.register(access)?;
         let mut r = self.regs.lock();
         let dlab = r.lcr & LCR_DLAB != 0;
         let value = match reg {
@@ -291,8 +308,9 @@ impl Device for Uart16550 {
     }
 
     fn write(&self, access: Access, value: u64) -> Result<(), DeviceError> {
-        let reg = self.register(access.offset)?;
-        // Registers are 8 bits; wider accesses use the low byte.
+        let reg = self.register(access)?;
+        // Registers are 8 bits; `register` let through only accesses no
+        // wider than the register slot, whose upper bytes decode nothing.
         let byte = value as u8;
         let mut r = self.regs.lock();
         let dlab = r.lcr & LCR_DLAB != 0;
@@ -452,6 +470,27 @@ mod tests {
         }
         // The transmitter is always ready, whatever the guest did.
         assert_eq!(u.read(at(LSR)).unwrap() & 0x60, 0x60);
+    }
+
+    #[test]
+    fn accesses_wider_than_the_register_slot_are_refused_not_truncated() {
+        let (u, out, _) = uart();
+        for width in [Width::U16, Width::U32, Width::U64] {
+            let wide = Access { width, ..at(0) };
+            assert_eq!(u.write(wide, 0x4241), Err(DeviceError::InvalidWidth(width)));
+            assert_eq!(u.read(Access { width, ..at(SCR) }), Err(DeviceError::InvalidWidth(width)));
+        }
+        assert!(out.lock().is_empty(), "a refused write transmits nothing");
+        u.write(at(SCR), 0x5a).unwrap();
+        assert_eq!(u.read(at(SCR)).unwrap(), 0x5a);
+
+        // 32-bit-spaced registers take accesses up to their slot's width.
+        let spaced = Uart16550::new(|_| {}).with_reg_shift(2);
+        let slot = |width| Access { offset: SCR << 2, addr: 0, width, vcpu: None };
+        spaced.write(slot(Width::U32), 0xdead_be5a).unwrap();
+        assert_eq!(spaced.read(slot(Width::U32)).unwrap(), 0x5a);
+        assert_eq!(spaced.read(slot(Width::U16)).unwrap(), 0x5a);
+        assert_eq!(spaced.read(slot(Width::U64)), Err(DeviceError::InvalidWidth(Width::U64)));
     }
 
     #[test]

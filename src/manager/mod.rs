@@ -1,0 +1,708 @@
+//! `DeviceManager`: a VM's whole device set — three buses, named devices
+//! built from configuration, interrupt wiring and hot-plug by name.
+//!
+//! `mod.rs` owns the name table and the configuration-side operations;
+//! [`dispatch`] the vCPU side; `buses` the one interface over the three
+//! buses that both use.
+//!
+//! # Locking
+//!
+//! Dispatch (`handle_*`) takes no lock on success: it is the bus's
+//! lock-free path plus, on a miss only, one relaxed load of the bus's miss
+//! policy; a failed access takes the name lock once to name the device.
+//! Configuration changes (build, add, remove, move) serialize on the
+//! manager's table lock, which is taken before any bus's writer lock and
+//! never held while device code runs — except kind constructors, which must
+//! not call back into the manager.
+//!
+//! # One source of truth
+//!
+//! The buses are. A named device taken off its bus (or moved) directly
+//! through [`DeviceManager::mmio`] and friends is noticed at the next
+//! manager operation: it disappears from [`DeviceManager::info`], its name
+//! and interrupt number become free, and its placement follows the bus.
+//! [`DeviceManager::remove`] is still the way to unplug a named device: it
+//! also hands back the unplug to wait for.
+
+mod buses;
+mod dispatch;
+mod error;
+
+use alloc::collections::BTreeMap;
+use alloc::string::{String, ToString};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::any::Any;
+use core::fmt;
+
+pub use dispatch::{DispatchError, LogLevel, MissPolicy, VcpuIo};
+pub use error::ManagerError;
+
+use buses::{Buses, RegisterError};
+use dispatch::Shared;
+
+use crate::addr::{AddressSpace, IoRange, Mmio, Pio, SysReg};
+use crate::bus::{DeviceId, IoBus, Unplug};
+use crate::config::{ConfigError, ConfigErrorKind, DeviceConfig, Space, VmDeviceConfig};
+use crate::device::Device;
+use crate::devices::{BuildEnv, ConsoleSink, DeviceKinds};
+use crate::error::BusError;
+use crate::irq::{InterruptController, IrqLine};
+use crate::sync::Mutex;
+use crate::virtio::GuestMemory;
+
+/// A named device as the manager knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Its configuration, with `base` (and `length`) following its bus
+    /// placement. For a device added with [`DeviceManager::add_device`],
+    /// `kind` is the device's Rust type name.
+    pub config: DeviceConfig,
+    /// The bus it is on.
+    pub space: Space,
+    /// Its id on that bus.
+    pub id: DeviceId,
+}
+
+/// A removed device's interrupt number and line, kept until it is lowered.
+type ReservedLine = (u32, Arc<dyn IrqLine>);
+
+struct Entry {
+    info: DeviceInfo,
+    any: Arc<dyn Any + Send + Sync>,
+    /// The device's interrupt line, lowered by [`DeviceManager::remove_and_wait`].
+    line: Option<Arc<dyn IrqLine>>,
+}
+
+/// The name table, and the bus generations it last agreed with.
+#[derive(Default)]
+struct Table {
+    entries: BTreeMap<String, Entry>,
+    synced: [u64; 3],
+}
+
+/// A VM's device set: one [`IoBus`] per address space, devices known by
+/// name, built from [`DeviceConfig`]s through a [`DeviceKinds`] registry
+/// or added already built ([`Self::add_device`]).
+///
+/// vCPU threads dispatch through a [`VcpuIo`] each ([`Self::vcpu`]); the
+/// handle-free `handle_*` methods (with `std`) suit occasional callers.
+/// Dispatch errors ([`DispatchError`]) carry the device's name.
+///
+/// Lock order: dispatch takes no lock. Configuration changes (build, add,
+/// remove, move) serialize on the name-table lock, taken before any bus's
+/// writer lock and never held while a device runs — except kind
+/// constructors, which must not call back into the manager.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use vmio::{DeviceConfig, DeviceManager, MissPolicy, Space, VmDeviceConfig, Width};
+///
+/// let console = Arc::new(Mutex::new(Vec::new()));
+/// let out = console.clone();
+/// let vm = VmDeviceConfig::new(vec![
+///     DeviceConfig::new("com1", "uart16550", 0x3f8, 8),
+///     DeviceConfig::new("pci-hole", "reserved", 0xcf8, 8).with_param("space", "pio"),
+/// ]);
+/// let manager = DeviceManager::builder()
+///     .console(Arc::new(move |_name: &str, bytes: &[u8]| out.lock().unwrap().extend_from_slice(bytes)))
+///     .miss_policy(Space::Pio, MissPolicy::AllOnes)
+///     .build(&vm)?;
+///
+/// manager.handle_port_write(0x3f8, Width::U8, u64::from(b'A'))?;
+/// assert_eq!(*console.lock().unwrap(), b"A");
+/// assert_eq!(manager.handle_port_read(0xcfc, Width::U32)?, 0xffff_ffff);
+/// // Nothing at port 0x80: all ones, per the policy.
+/// assert_eq!(manager.handle_port_read(0x80, Width::U8)?, 0xff);
+/// // The UART's registers are bytes: the error names the device.
+/// let e = manager.handle_port_write(0x3f8, Width::U16, 0x4142).unwrap_err();
+/// assert_eq!(e.device.as_deref(), Some("com1"));
+///
+/// // Hot-unplug by name, then wait until no vCPU can still be inside.
+/// manager.remove("com1")?.wait()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct DeviceManager {
+    buses: Buses,
+    shared: Arc<Shared>,
+    kinds: DeviceKinds,
+    console: Option<ConsoleSink>,
+    interrupts: Option<Arc<dyn InterruptController>>,
+    memory: Option<Arc<dyn GuestMemory>>,
+    table: Mutex<Table>,
+    /// Lines of devices being removed by `remove_and_wait`, still reserved
+    /// until their grace period ends and the line is lowered, with the
+    /// device's name. Lock order: `table`, then this.
+    draining: Mutex<BTreeMap<u32, String>>,
+}
+
+impl fmt::Debug for DeviceManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceManager")
+            .field("devices", &self.devices())
+            .field("kinds", &self.kinds)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for DeviceManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Configures a [`DeviceManager`] before its first devices are built.
+#[derive(Default)]
+pub struct DeviceManagerBuilder {
+    policies: [Option<MissPolicy>; 3],
+    kinds: Option<DeviceKinds>,
+    console: Option<ConsoleSink>,
+    interrupts: Option<Arc<dyn InterruptController>>,
+    memory: Option<Arc<dyn GuestMemory>>,
+}
+
+impl fmt::Debug for DeviceManagerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceManagerBuilder").field("policies", &self.policies).finish()
+    }
+}
+
+impl DeviceManagerBuilder {
+    /// The miss policy of one bus (default [`MissPolicy::Error`]).
+    #[must_use]
+    pub fn miss_policy(mut self, space: Space, policy: MissPolicy) -> Self {
+        self.policies[space as usize] = Some(policy);
+        self
+    }
+
+    /// The kind registry (default: [`DeviceKinds::default`], the built-ins).
+    #[must_use]
+    pub fn kinds(mut self, kinds: DeviceKinds) -> Self {
+        self.kinds = Some(kinds);
+        self
+    }
+
+    /// Where console devices send their output (default: standard output
+    /// with `std`, nowhere without).
+    #[must_use]
+    pub fn console(mut self, sink: ConsoleSink) -> Self {
+        self.console = Some(sink);
+        self
+    }
+
+    /// The controller that supplies each device's interrupt line from its
+    /// `irq`. Without one, a configured device with an `irq` is refused.
+    #[must_use]
+    pub fn interrupts(mut self, controller: Arc<dyn InterruptController>) -> Self {
+        self.interrupts = Some(controller);
+        self
+    }
+
+    /// The guest's memory, handed to devices that do DMA (`virtio-blk`).
+    #[must_use]
+    pub fn memory(mut self, memory: Arc<dyn GuestMemory>) -> Self {
+        self.memory = Some(memory);
+        self
+    }
+
+    /// A manager with no devices yet.
+    pub fn build_empty(self) -> DeviceManager {
+        let shared = Arc::new(Shared::default());
+        for space in Space::ALL {
+            shared.set_policy(space, self.policies[space as usize].unwrap_or(MissPolicy::Error));
+        }
+        DeviceManager {
+            buses: Buses::default(),
+            shared,
+            kinds: self.kinds.unwrap_or_default(),
+            console: self.console,
+            interrupts: self.interrupts,
+            memory: self.memory,
+            table: Mutex::new(Table::default()),
+            draining: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// A manager holding every device of `vm`, or none at all.
+    ///
+    /// # Errors
+    /// The first refused device, as for [`DeviceManager::add_all`].
+    pub fn build(self, vm: &VmDeviceConfig) -> Result<DeviceManager, ManagerError> {
+        let manager = self.build_empty();
+        manager.add_all(&vm.devices)?;
+        Ok(manager)
+    }
+}
+
+/// A device the manager has built (or been given) but not yet placed.
+struct Pending {
+    config: DeviceConfig,
+    space: Space,
+    device: Arc<dyn Device>,
+    any: Arc<dyn Any + Send + Sync>,
+    line: Option<Arc<dyn IrqLine>>,
+}
+
+impl Pending {
+    /// `(start, last)` as the configuration states it; only compared with
+    /// what the bus reports, after the bus accepted or refused the range.
+    fn span(&self) -> (u64, u64) {
+        let c = &self.config;
+        (c.base, c.base.wrapping_add(c.length.wrapping_sub(1)))
+    }
+}
+
+impl DeviceManager {
+    /// An empty manager with the built-in kinds and [`MissPolicy::Error`]
+    /// on every bus.
+    pub fn new() -> Self {
+        DeviceManagerBuilder::default().build_empty()
+    }
+
+    /// Starts configuring a manager.
+    pub fn builder() -> DeviceManagerBuilder {
+        DeviceManagerBuilder::default()
+    }
+
+    /// A manager with the defaults of [`Self::new`] holding every device of
+    /// `vm`, or an error and nothing built.
+    ///
+    /// # Errors
+    /// As for [`Self::add_all`].
+    pub fn from_config(vm: &VmDeviceConfig) -> Result<Self, ManagerError> {
+        Self::builder().build(vm)
+    }
+
+    /// The MMIO bus, for registering unnamed devices or inspecting it.
+    /// Unplug named devices with [`Self::remove`]: one taken off the bus
+    /// directly is forgotten by the manager at its next operation.
+    pub fn mmio(&self) -> &IoBus<Mmio> {
+        self.buses.of::<Mmio>()
+    }
+
+    /// The port I/O bus (see [`Self::mmio`]).
+    pub fn pio(&self) -> &IoBus<Pio> {
+        self.buses.of::<Pio>()
+    }
+
+    /// The system-register bus (see [`Self::mmio`]).
+    pub fn sysreg(&self) -> &IoBus<SysReg> {
+        self.buses.of::<SysReg>()
+    }
+
+    /// The miss policy of the `space` bus.
+    pub fn miss_policy(&self, space: Space) -> MissPolicy {
+        self.shared.policy(space)
+    }
+
+    /// Changes the miss policy of the `space` bus; every vCPU sees it from
+    /// its next miss on.
+    pub fn set_miss_policy(&self, space: Space, policy: MissPolicy) {
+        self.shared.set_policy(space, policy);
+    }
+
+    /// A vCPU thread's dispatch handle for all three buses: the lock-free
+    /// path. Create it on the thread that uses it (it is `!Send`).
+    pub fn vcpu(&self, vcpu: u32) -> VcpuIo {
+        VcpuIo::new(self.buses.handles(vcpu), self.shared.clone())
+    }
+
+    /// Every named device, by name.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        let mut table = self.table.lock();
+        self.sync(&mut table);
+        table.entries.values().map(|e| e.info.clone()).collect()
+    }
+
+    /// The named device's current placement and configuration.
+    pub fn info(&self, name: &str) -> Option<DeviceInfo> {
+        let mut table = self.table.lock();
+        self.sync(&mut table);
+        table.entries.get(name).map(|e| e.info.clone())
+    }
+
+    /// The named device as its concrete type, e.g. a
+    /// [`Uart16550`](crate::Uart16550) to feed it input.
+    pub fn device<T: Any + Send + Sync>(&self, name: &str) -> Option<Arc<T>> {
+        let mut table = self.table.lock();
+        self.sync(&mut table);
+        let any = table.entries.get(name)?.any.clone();
+        any.downcast().ok()
+    }
+
+    /// Hot-plugs one device.
+    ///
+    /// # Errors
+    /// As for [`Self::add_all`].
+    pub fn add(&self, config: DeviceConfig) -> Result<(), ManagerError> {
+        self.add_all(core::slice::from_ref(&config))
+    }
+
+    /// Builds and places `configs` all together: either every device is on
+    /// its bus when this returns, or none is and the error names the first
+    /// offending device and field (duplicate name, IRQ used twice, unknown
+    /// kind or parameter, invalid parameter, bad or overlapping range — the
+    /// bus's own check, reported with the other device's name).
+    ///
+    /// # Errors
+    /// [`ManagerError::Config`] for a refused configuration.
+    pub fn add_all(&self, configs: &[DeviceConfig]) -> Result<(), ManagerError> {
+        let mut table = self.table.lock();
+        self.sync(&mut table);
+        let mut pending: Vec<Pending> = Vec::with_capacity(configs.len());
+        for config in configs {
+            let interrupt = self.claim(&table, &pending, config, true)?;
+            let line = interrupt.clone();
+            let env = BuildEnv {
+                config,
+                interrupt,
+                console: self.console.as_ref(),
+                memory: self.memory.as_ref(),
+            };
+            let (space, device, any) = self.kinds.build(&env)?.into_parts();
+            pending.push(Pending { config: config.clone(), space, device, any, line });
+        }
+        self.place(&mut table, pending)
+    }
+
+    /// Hot-plugs a device the VMM built itself, under `name`, at `range` of
+    /// the range's space: the way to name a device no [`DeviceKinds`] entry
+    /// builds. It is then dispatched, looked up ([`Self::device`]), moved
+    /// and removed by name like a configured one; its
+    /// [`DeviceInfo::config`] has the device's Rust type name as `kind`.
+    ///
+    /// `irq` reserves that interrupt number for the device (no other
+    /// device may take it). The device drives its own line; with an
+    /// interrupt controller, the manager also looks the line up so that
+    /// [`Self::remove_and_wait`] lowers it.
+    ///
+    /// An `Arc<dyn Device>` is added as `Arc::new(it)`: `Arc<dyn Device>`
+    /// is itself a [`Device`], and [`Self::device`] then finds it as
+    /// `Arc<dyn Device>`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vmio::{DeviceManager, IoRange, Mmio, Reserved, Width};
+    ///
+    /// let manager = DeviceManager::new();
+    /// let rom = Arc::new(Reserved::new(0x1234));
+    /// manager.add_device("id-rom", IoRange::<Mmio>::new(0xfee0_0000, 0x100)?, rom, None)?;
+    /// assert_eq!(manager.handle_mmio_read(0xfee0_0010, Width::U16)?, 0x1234);
+    /// assert_eq!(manager.device::<Reserved>("id-rom").unwrap().value(), 0x1234);
+    /// manager.remove("id-rom")?.wait()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ManagerError::Config`] naming the device: duplicate or empty name,
+    /// interrupt number in use (or not one of the controller's), a range
+    /// overlapping another device (named) or as long as the whole space,
+    /// or a space other than [`Mmio`], [`Pio`] and [`SysReg`].
+    pub fn add_device<S: AddressSpace, D: Device + Any>(
+        &self,
+        name: &str,
+        range: IoRange<S>,
+        device: Arc<D>,
+        irq: Option<u32>,
+    ) -> Result<(), ManagerError> {
+        let kind = core::any::type_name::<D>();
+        let mut config = DeviceConfig::new(name, kind, range.start(), range.len().unwrap_or(0));
+        config.irq = irq;
+        let space = Space::from_name(S::NAME).filter(|s| s.last() == S::LAST).ok_or_else(|| {
+            config.error(
+                "space",
+                ConfigErrorKind::InvalidValue { expected: "the mmio, pio or sysreg space" },
+            )
+        })?;
+        if range.len().is_none() {
+            let expected = "a range shorter than the whole address space";
+            return Err(config.error("length", ConfigErrorKind::InvalidValue { expected }).into());
+        }
+        let mut table = self.table.lock();
+        self.sync(&mut table);
+        let line = self.claim(&table, &[], &config, false)?;
+        let pending = Pending { config, space, device: device.clone(), any: device, line };
+        self.place(&mut table, alloc::vec![pending])
+    }
+
+    /// Checks `config`'s name and interrupt number against the table and
+    /// `pending`, and looks its line up in the controller (which must exist
+    /// when `required`).
+    fn claim(
+        &self,
+        table: &Table,
+        pending: &[Pending],
+        config: &DeviceConfig,
+        required: bool,
+    ) -> Result<Option<Arc<dyn IrqLine>>, ConfigError> {
+        let name = &config.name;
+        if name.is_empty() {
+            let expected = "a non-empty name";
+            return Err(config.error("name", ConfigErrorKind::InvalidValue { expected }));
+        }
+        if table.entries.contains_key(name) || pending.iter().any(|p| &p.config.name == name) {
+            return Err(config.error("name", ConfigErrorKind::DuplicateName));
+        }
+        let Some(irq) = config.irq else { return Ok(None) };
+        let holder = table
+            .entries
+            .values()
+            .map(|e| &e.info.config)
+            .chain(pending.iter().map(|p| &p.config))
+            .find(|c| c.irq == Some(irq))
+            .map(|c| c.name.clone())
+            .or_else(|| self.draining.lock().get(&irq).cloned());
+        if let Some(other) = holder {
+            return Err(config.error("irq", ConfigErrorKind::IrqInUse { other }));
+        }
+        let Some(controller) = self.interrupts.as_ref() else {
+            return match required {
+                true => Err(config.error("irq", ConfigErrorKind::NoInterruptController)),
+                false => Ok(None),
+            };
+        };
+        let expected = "a line the interrupt controller has";
+        let line = controller.line(irq);
+        line.map(Some)
+            .ok_or_else(|| config.error("irq", ConfigErrorKind::InvalidValue { expected }))
+    }
+
+    /// Places each bus's share of `pending` in one transaction; undoes
+    /// earlier buses if a later one refuses.
+    fn place(&self, table: &mut Table, pending: Vec<Pending>) -> Result<(), ManagerError> {
+        let mut placed: Vec<(Space, Vec<DeviceId>)> = Vec::new();
+        let mut ids: Vec<Option<DeviceId>> = alloc::vec![None; pending.len()];
+        for space in Space::ALL {
+            let mine: Vec<usize> =
+                (0..pending.len()).filter(|&i| pending[i].space == space).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let bus = self.buses.get(space);
+            let list = mine.iter().map(|&i| {
+                let p = &pending[i];
+                (p.config.base, p.config.length, p.device.clone())
+            });
+            match bus.register(list.collect()) {
+                Ok(registered) => {
+                    for (&i, &id) in mine.iter().zip(&registered) {
+                        ids[i] = Some(id);
+                    }
+                    placed.push((space, registered));
+                }
+                Err(e) => {
+                    for (space, registered) in placed {
+                        // Registered by this call under the table lock; a
+                        // concurrent direct unregister makes this refuse,
+                        // which leaves the bus as wanted anyway.
+                        let _ = self.buses.get(space).unregister(&registered);
+                    }
+                    return Err(self.blame(table, &pending, &mine, space, e));
+                }
+            }
+        }
+        for (p, id) in pending.into_iter().zip(ids) {
+            let id = id.expect("every pending device was placed on its bus");
+            self.shared.name(p.space, id, Arc::from(p.config.name.as_str()));
+            let info = DeviceInfo { config: p.config, space: p.space, id };
+            let entry = Entry { info, any: p.any, line: p.line };
+            table.entries.insert(entry.info.config.name.clone(), entry);
+        }
+        Ok(())
+    }
+
+    /// The error for a refused registration of `pending[mine[..]]` on the
+    /// `space` bus, naming the device at fault and the one in its way.
+    fn blame(
+        &self,
+        table: &Table,
+        pending: &[Pending],
+        mine: &[usize],
+        space: Space,
+        e: RegisterError,
+    ) -> ManagerError {
+        match e {
+            RegisterError::Range { index, error } => {
+                let config = &pending[mine[index]].config;
+                let field = if config.length == 0 || config.base <= space.last() {
+                    "length"
+                } else {
+                    "base"
+                };
+                config.error(field, ConfigErrorKind::Range(error)).into()
+            }
+            RegisterError::Bus(BusError::Overlap {
+                start,
+                last,
+                existing,
+                existing_start,
+                existing_last,
+            }) => {
+                // The bus checks edits in order: the refused device is the
+                // first with the refused range after the one in its way,
+                // which is either already on the bus or earlier in `mine`.
+                let on_bus = self.buses.get(space).ranges().contains_key(&existing);
+                let earlier = match on_bus {
+                    true => None,
+                    false => mine
+                        .iter()
+                        .position(|&i| pending[i].span() == (existing_start, existing_last)),
+                };
+                let after = earlier.map_or(0, |k| k + 1);
+                let refused = mine[after..]
+                    .iter()
+                    .find(|&&i| pending[i].span() == (start, last))
+                    .map_or(mine[0], |&i| i);
+                let other = match earlier {
+                    Some(k) => pending[mine[k]].config.name.clone(),
+                    None => name_of(table, space, existing),
+                };
+                pending[refused].config.error("base", ConfigErrorKind::Overlap { other }).into()
+            }
+            RegisterError::Bus(error) => {
+                ManagerError::Bus { device: pending[mine[0]].config.name.clone(), error }
+            }
+        }
+    }
+
+    /// Hot-unplugs the named device. No dispatch that starts after this
+    /// returns reaches it; call [`Unplug::wait`] on the result to know when
+    /// no vCPU can still be inside it (then its resources may be freed).
+    /// Its name and interrupt line are free for reuse at once.
+    ///
+    /// # Errors
+    /// [`ManagerError::NoSuchDevice`].
+    pub fn remove(&self, name: &str) -> Result<Unplug, ManagerError> {
+        self.take(name, false).map(|(unplug, _)| unplug)
+    }
+
+    /// Hot-unplugs the named device, waits until no vCPU can still be
+    /// inside it, then deasserts its interrupt line: a level-triggered
+    /// device unplugged with its line high would otherwise leave the guest
+    /// an interrupt nobody can acknowledge. The line stays reserved (a new
+    /// device cannot take it) until then; the name is free at once.
+    ///
+    /// # Errors
+    /// [`ManagerError::NoSuchDevice`]; [`ManagerError::Wait`] when called
+    /// from inside a dispatch (the device is removed, but its line is left
+    /// reserved and as it was).
+    pub fn remove_and_wait(&self, name: &str) -> Result<(), ManagerError> {
+        let (unplug, line) = self.take(name, true)?;
+        unplug.wait().map_err(ManagerError::Wait)?;
+        if let Some((irq, line)) = line {
+            line.set_level(false);
+            self.draining.lock().remove(&irq);
+        }
+        Ok(())
+    }
+
+    /// Unregisters the named device; with `reserve`, keeps its line in
+    /// `draining` and hands it back.
+    fn take(
+        &self,
+        name: &str,
+        reserve: bool,
+    ) -> Result<(Unplug, Option<ReservedLine>), ManagerError> {
+        let mut table = self.table.lock();
+        self.sync(&mut table);
+        let entry =
+            table.entries.get(name).ok_or_else(|| ManagerError::NoSuchDevice(name.into()))?;
+        let DeviceInfo { space, id, .. } = entry.info;
+        let unplug = self.buses.get(space).unregister(&[id]);
+        let entry = table.entries.remove(name).expect("entry looked up above");
+        self.shared.forget(space, id);
+        let unplug = match unplug {
+            Ok(unplug) => unplug,
+            // Taken off the bus directly since the sync: gone all the same.
+            Err(BusError::UnknownDevice(_)) => return Err(ManagerError::NoSuchDevice(name.into())),
+            Err(error) => return Err(ManagerError::Bus { device: name.into(), error }),
+        };
+        let line = match (reserve, entry.info.config.irq, entry.line) {
+            (true, Some(irq), Some(line)) => {
+                self.draining.lock().insert(irq, entry.info.config.name);
+                Some((irq, line))
+            }
+            _ => None,
+        };
+        Ok((unplug, line))
+    }
+
+    /// Moves the named device to `base` (same length, same bus) in one
+    /// atomic swap: every access sees it at the old place or the new one.
+    /// The returned [`Unplug`] completes once no vCPU can still be inside
+    /// it through the old address.
+    ///
+    /// # Errors
+    /// [`ManagerError::NoSuchDevice`]; [`ManagerError::Config`] naming field
+    /// `base` for a range that does not fit or overlaps another device.
+    pub fn move_device(&self, name: &str, base: u64) -> Result<Unplug, ManagerError> {
+        let mut table = self.table.lock();
+        self.sync(&mut table);
+        let entry =
+            table.entries.get(name).ok_or_else(|| ManagerError::NoSuchDevice(name.into()))?;
+        let DeviceInfo { space, id, ref config } = entry.info;
+        let kind = match self.buses.get(space).remap(id, base, config.length) {
+            Ok(unplug) => {
+                let entry = table.entries.get_mut(name).expect("entry looked up above");
+                entry.info.config.base = base;
+                return Ok(unplug);
+            }
+            Err(BusError::Range(e)) => ConfigErrorKind::Range(e),
+            Err(BusError::Overlap { existing, .. }) => {
+                ConfigErrorKind::Overlap { other: name_of(&table, space, existing) }
+            }
+            Err(BusError::UnknownDevice(_)) => {
+                table.entries.remove(name);
+                self.shared.forget(space, id);
+                return Err(ManagerError::NoSuchDevice(name.into()));
+            }
+        };
+        let mut moved = config.clone();
+        moved.base = base;
+        Err(moved.error("base", kind).into())
+    }
+
+    /// Brings the table in line with the buses: a named device taken off
+    /// its bus directly is forgotten (its name and interrupt number become
+    /// free), one moved directly gets its new placement. Costs one
+    /// generation load per bus when nothing changed.
+    fn sync(&self, table: &mut Table) {
+        for space in Space::ALL {
+            let bus = self.buses.get(space);
+            // Read before the ranges: an edit in between only makes the next
+            // sync look again.
+            let generation = bus.generation();
+            if table.synced[space as usize] == generation {
+                continue;
+            }
+            let ranges = bus.ranges();
+            table.entries.retain(|name, e| {
+                if e.info.space != space {
+                    return true;
+                }
+                let Some(&(start, last)) = ranges.get(&e.info.id) else {
+                    log::debug!("vmio: `{name}` was taken off the {space} bus directly");
+                    self.shared.forget(space, e.info.id);
+                    return false;
+                };
+                e.info.config.base = start;
+                if let Some(length) = (last - start).checked_add(1) {
+                    e.info.config.length = length;
+                }
+                true
+            });
+            table.synced[space as usize] = generation;
+        }
+    }
+}
+
+/// The name of device `id` on the `space` bus: the manager's name, or the
+/// bus id (`#3`) for a device registered there directly.
+fn name_of(table: &Table, space: Space, id: DeviceId) -> String {
+    let named = table.entries.values().find(|e| e.info.space == space && e.info.id == id);
+    named.map_or_else(|| id.to_string(), |e| e.info.config.name.clone())
+}
