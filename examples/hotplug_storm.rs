@@ -9,7 +9,7 @@
 //!
 //! ```sh
 //! cargo run --release --example hotplug_storm -- [--seconds N] [--devices N] [--vcpus N]
-//! cargo run --release --features config --example hotplug_storm -- --config examples/vm.toml
+//! cargo run --release --example hotplug_storm -- --config examples/vm.toml
 //! ```
 //!
 //! With `--config`, the VM's devices are built from the TOML file by a
@@ -160,7 +160,7 @@ impl Vm {
         };
         #[cfg(not(feature = "config"))]
         {
-            Err(format!("--config {path}: rebuild with `--features config` to read TOML"))
+            Err(format!("--config {path}: this build left out the default `config` feature"))
         }
         #[cfg(feature = "config")]
         {
@@ -192,7 +192,7 @@ impl Vm {
                 Space::Pio => io.handle_port_read(addr as u16, Width::U8).map(drop),
                 Space::SysReg => io.handle_sysreg_read(addr as u32, Width::U8).map(drop),
             };
-            match r {
+            match r.map_err(|e| e.error) {
                 Ok(()) => s.vm_ok += 1,
                 Err(AccessError::Unmapped { .. }) => s.vm_unplugged += 1,
                 Err(AccessError::Straddles { .. }) => s.misrouted += 1,
