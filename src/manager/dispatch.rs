@@ -10,7 +10,6 @@ use alloc::sync::Arc;
 use core::fmt;
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use super::DeviceManager;
 use super::buses::{Handles, ManagedSpace};
 use crate::addr::{Mmio, Pio, SysReg, Width};
 use crate::bus::DeviceId;
@@ -220,7 +219,7 @@ impl Shared {
 }
 
 #[cfg(feature = "std")]
-impl DeviceManager {
+impl super::DeviceManager {
     fn read<S: ManagedSpace>(&self, addr: u64, width: Width) -> Result<u64, DispatchError> {
         self.shared.read::<S>(self.buses.of::<S>().read(addr, width), width, None)
     }
@@ -300,7 +299,7 @@ impl DeviceManager {
     }
 }
 
-/// One vCPU thread's dispatch handles for a [`DeviceManager`]'s three buses:
+/// One vCPU thread's dispatch handles for a [`DeviceManager`](super::DeviceManager)'s three buses:
 /// lock-free, allocation-free, and devices see the vCPU id in
 /// [`Access::vcpu`](crate::Access::vcpu).
 pub struct VcpuIo {
