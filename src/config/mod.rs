@@ -27,7 +27,14 @@
 //! ```
 //!
 //! TOML integers are signed 64-bit; an address above `i64::MAX` may be
-//! written as a string (`base = "0xffff_ffff_ffff_f000"`).
+//! written as a string (`base = "0xffff_ffff_ffff_f000"`). A key a device
+//! table does not take (a typo, or a kind parameter outside `params`) is
+//! refused with the list of keys it takes. Loaded with
+//! [`VmDeviceConfig::from_toml_file`], a relative `path` parameter is
+//! relative to the TOML file's folder.
+//!
+//! One reader parses TOML (`toml_load`): [`VmDeviceConfig::from_toml`] and
+//! the serde `Deserialize` impls both go through it.
 
 use alloc::borrow::ToOwned;
 use alloc::collections::BTreeMap;
