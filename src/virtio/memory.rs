@@ -30,6 +30,9 @@ use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU16, Ordering, fence};
 
+#[cfg(feature = "vm-memory")]
+mod vm_memory;
+
 /// Why a guest memory access was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryError {
