@@ -59,6 +59,11 @@ fn check_lazy<T>(what: &str, make: impl FnOnce() -> T, write: impl Fn(&T, u64, &
     }
     let written = rss();
     let grew = written.saturating_sub(created);
+    println!(
+        "{what}: 1 GiB created in {took:?}, RSS +{} KiB; {WRITES} pages written, RSS +{} KiB",
+        created.saturating_sub(before) / 1024,
+        grew / 1024
+    );
     // The measurement is live: the written pages did become resident.
     assert!(grew >= WRITES * 4096, "{what}: {WRITES} written pages, RSS grew {grew} bytes");
     assert!(

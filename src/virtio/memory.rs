@@ -98,6 +98,11 @@ impl core::error::Error for MemoryError {}
 /// guest writing the same bytes concurrently (see the [module
 /// docs](self#aliasing)). All multi-byte helpers are little-endian, as virtio
 /// 1.x is.
+///
+/// vmio implements it for [`GuestRam`] and, with the `vm-memory` feature,
+/// for rust-vmm's `vm_memory::GuestMemoryMmap`, so a VMM built on rust-vmm
+/// passes its `Arc<GuestMemoryMmap>` to the devices as
+/// `Arc<dyn GuestMemory>`.
 pub trait GuestMemory: Send + Sync {
     /// Copies `buf.len()` bytes starting at guest address `addr` into `buf`.
     ///

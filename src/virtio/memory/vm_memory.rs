@@ -95,6 +95,32 @@ fn for_each_piece<B: Bitmap + Send + Sync + 'static>(
     Ok(())
 }
 
+/// rust-vmm's guest memory, as it is (feature `vm-memory`): no copy, no
+/// second mapping, every access through vm-memory's bounds-checked volatile
+/// slices and atomics, and through its dirty bitmap when `B` has one. A
+/// buffer may run across adjacent regions; any byte in a hole is
+/// [`MemoryError::OutOfBounds`]; [`host_ptr`](GuestMemory::host_ptr) over
+/// two regions is [`MemoryError::NotContiguous`].
+///
+/// # Example
+/// ```
+/// use std::sync::Arc;
+/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+/// use vmio::virtio::{GuestMemory, MemoryError};
+///
+/// // The VMM's RAM: 1 MiB at 2 GiB (and what it hands KVM, unchanged).
+/// let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x8000_0000), 1 << 20)])?;
+/// let ram = Arc::new(ram);
+/// // What it hands vmio's devices (`MmioTransport::new` takes this).
+/// let memory: Arc<dyn GuestMemory> = ram.clone();
+/// memory.write_u32(0x8000_0010, 0xdead_beef)?;
+/// assert_eq!(memory.read_u32(0x8000_0010)?, 0xdead_beef);
+/// assert_eq!(
+///     memory.read_u32(0x800f_fffe),
+///     Err(MemoryError::OutOfBounds { addr: 0x800f_fffe, len: 4 })
+/// );
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 impl<B: Bitmap + Send + Sync + 'static> GuestMemory for GuestMemoryMmap<B> {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         for_each_piece(self, addr, buf.len() as u64, |r, off, at, n| {
