@@ -7,12 +7,12 @@
 //! from the kernel's shared zero page and gets a frame of its own on its
 //! first write, so creating a 1 GiB disk or guest RAM is one system call and
 //! takes no memory until written, and `MAP_NORESERVE` keeps the untouched
-//! part out of the commit charge. Elsewhere (`no_std`, other hosts), a
+//! part out of the commit charge. Elsewhere (`no_std`, other hosts, Miri), a
 //! page-aligned `alloc_zeroed`: correct everywhere, but whether untouched
 //! pages are free then depends on the allocator (Rust's system allocator
 //! zeroes page-aligned blocks by hand, touching every page).
 
-#[cfg(not(all(feature = "std", target_os = "linux")))]
+#[cfg(not(all(feature = "std", target_os = "linux", not(miri))))]
 use core::alloc::Layout;
 use core::fmt;
 use core::ptr::NonNull;
@@ -27,7 +27,7 @@ pub(crate) struct ZeroedPages {
     ptr: NonNull<u8>,
     len: usize,
     /// How to give the memory back.
-    #[cfg(not(all(feature = "std", target_os = "linux")))]
+    #[cfg(not(all(feature = "std", target_os = "linux", not(miri))))]
     layout: Layout,
 }
 
@@ -53,7 +53,7 @@ impl ZeroedPages {
         Self::map(len)
     }
 
-    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[cfg(all(feature = "std", target_os = "linux", not(miri)))]
     fn map(len: usize) -> Option<Self> {
         // SAFETY: a fresh anonymous mapping (no address hint, no file)
         // aliases nothing; the result is checked before use.
@@ -75,7 +75,7 @@ impl ZeroedPages {
         Some(ZeroedPages { ptr: NonNull::new(raw.cast())?, len })
     }
 
-    #[cfg(not(all(feature = "std", target_os = "linux")))]
+    #[cfg(not(all(feature = "std", target_os = "linux", not(miri))))]
     fn map(len: usize) -> Option<Self> {
         let layout = Layout::from_size_align(len, PAGE_ALIGN).ok()?;
         // SAFETY: `len` is not 0, so the layout has a non-zero size.
@@ -92,7 +92,7 @@ impl ZeroedPages {
 
 impl Drop for ZeroedPages {
     fn drop(&mut self) {
-        #[cfg(all(feature = "std", target_os = "linux"))]
+        #[cfg(all(feature = "std", target_os = "linux", not(miri)))]
         {
             // SAFETY: `ptr`/`len` is exactly the mapping made in `map`, and
             // it is unmapped once, here, when no owner can reach it any more.
@@ -101,7 +101,7 @@ impl Drop for ZeroedPages {
             // is; nothing sensible to do in a destructor otherwise.
             debug_assert_eq!(rc, 0, "munmap of our own mapping");
         }
-        #[cfg(not(all(feature = "std", target_os = "linux")))]
+        #[cfg(not(all(feature = "std", target_os = "linux", not(miri))))]
         {
             // SAFETY: allocated in `map` with this very layout, freed once.
             unsafe { alloc::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
