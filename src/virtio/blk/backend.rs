@@ -282,11 +282,18 @@ const LOCK_STRIPES: usize = 1024;
 /// kernel provides on first write (a 1 GiB disk is created in microseconds
 /// and is resident only where it was written; reading an unwritten sector
 /// returns zeroes from the kernel's shared zero page), without `std` an
-/// `alloc_zeroed` block. Each 4 KiB chunk has its own lock, so
-/// requests from different queues touching different chunks never contend;
-/// a request spanning chunks takes their locks one after another, never two
-/// at once, so no lock ordering is needed. Requests on disjoint chunks copy
-/// straight between guest memory and the disk
+/// `alloc_zeroed` block. The price of laziness: the first write to a page
+/// also takes the page fault that provides it (the kernel zeroes a page,
+/// under that chunk's lock), and memory is committed then, not at creation,
+/// so a host out of memory fails on that write (the kernel's OOM handling),
+/// not in `new`; [`MAX_RAM_DISK`](crate::MAX_RAM_DISK) bounds what a
+/// configured disk can take.
+///
+/// Each 4 KiB chunk has its own lock, so requests from different queues
+/// touching different chunks never contend; a request spanning chunks takes
+/// their locks one after another, never two at once, so no lock ordering is
+/// needed. Requests on disjoint chunks copy straight between guest memory
+/// and the disk
 /// ([`read_to`](BlockBackend::read_to) / [`write_from`](BlockBackend::write_from)).
 ///
 /// # Example
