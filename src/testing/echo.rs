@@ -10,8 +10,8 @@ use crate::virtio::features::{
     VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::virtio::{
-    ActivateError, Activation, GuestMemory, Interrupt, InterruptCause, PopError, SplitQueue,
-    VirtioDevice,
+    ActivateError, Activation, GuestMemory, Interrupt, InterruptCause, PopError, QueueStop,
+    SplitQueue, VirtioDevice,
 };
 
 /// Device type the echo device reports (a vendor-specific placeholder).
@@ -104,11 +104,13 @@ impl EchoDevice {
         self.queues.get(usize::from(q)).is_some_and(|m| m.lock().is_some())
     }
 
-    fn serve(&self, q: u16, ctx: &mut QueueCtx) -> Result<(), PopError> {
+    fn drain(&self, q: u16, ctx: &mut QueueCtx, stop: &QueueStop) -> Result<(), PopError> {
         let mem = &*ctx.memory;
         let mut buf = [0u8; 512];
         loop {
-            while let Some(res) = ctx.queue.pop(mem).transpose() {
+            while let Some(res) =
+                (!stop.is_requested()).then(|| ctx.queue.pop(mem).transpose()).flatten()
+            {
                 match res {
                     Ok(chain) => {
                         let total = chain.readable_len().min(chain.writable_len());
@@ -202,11 +204,11 @@ impl VirtioDevice for EchoDevice {
         Ok(())
     }
 
-    fn notify(&self, queue: u16) {
+    fn serve(&self, queue: u16, stop: &QueueStop) {
         let Some(slot) = self.queues.get(usize::from(queue)) else { return };
         let mut guard = slot.lock();
         let Some(ctx) = guard.as_mut() else { return };
-        if let Err(e) = self.serve(queue, ctx) {
+        if let Err(e) = self.drain(queue, ctx, stop) {
             *self.last_error.lock() = Some(e);
             ctx.irq.needs_reset();
             *guard = None;
