@@ -9,22 +9,34 @@
 //! - `ioeventfd_notifies_that_never_reach_the_transport`: notifies are
 //!   absorbed in front of the transport (as a KVM ioeventfd absorbs them)
 //!   and only signal the event; the workers serve on the event alone.
+//! - `unplug_and_dispatch_go_on_while_a_worker_flushes`: while a backend
+//!   is stuck in a flush on a worker, vCPUs keep dispatching (to that
+//!   device too) and `Unplug::wait` for another device on the same bus
+//!   returns; `inline_flush_holds_up_unplug_control` shows the same scene
+//!   served inline holding the unplug up, so the test can fail.
+//! - `unplug_the_device_itself_mid_flush`: the unplug completes at once,
+//!   worker shutdown waits for the flush, whose completion is published.
+//! - `two_queues_served_by_two_workers_at_once_match_shadow`: two vCPUs on
+//!   two queues, two workers; the first reads only complete while both
+//!   workers are inside the backend at once, and every read matches a
+//!   shadow of the disk, as does the backend at the end.
 
 #[path = "common/virtio_drivers_glue.rs"]
 mod glue;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use glue::{BusTransport, GuestHal, guest_ram};
+use glue::{BusTransport, GuestHal, T_FLUSH, T_IN, T_OUT, bring_up, guest_ram};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use vmio::virtio::blk::{
-    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, VirtioBlk,
+    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, S_OK, VirtioBlk,
 };
 use vmio::virtio::{
     CondvarEvent, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvent, QueueWorkers, Trigger,
 };
-use vmio::{Access, Device, DeviceError, IoBus, IoRange, IrqLine, Mmio};
+use vmio::{Access, Device, DeviceError, IoBus, IoRange, IrqLine, Mmio, Width};
 
 const BASE: u64 = 0x1000_0000;
 
@@ -203,4 +215,270 @@ fn ioeventfd_notifies_that_never_reach_the_transport() {
     assert!(front.absorbed.load(Ordering::Relaxed) > 0, "no notify went through the eventfd");
     drop(driver);
     drop(workers);
+}
+
+/// A RAM disk whose flushes block while the gate is closed, and whose first
+/// `parties` reads only complete once that many are inside at once.
+struct Slow {
+    disk: RamDisk,
+    closed: Mutex<bool>,
+    cv: Condvar,
+    /// Flushes that reached the backend.
+    flushing: AtomicUsize,
+    /// (reads still to meet, reads arrived in this round)
+    meet: Mutex<(usize, usize)>,
+    met: Condvar,
+    inside: AtomicUsize,
+    most_inside: AtomicUsize,
+}
+
+impl Slow {
+    fn new(size: u64, parties: usize) -> Self {
+        Slow {
+            disk: RamDisk::new(size),
+            closed: Mutex::new(true),
+            cv: Condvar::new(),
+            flushing: AtomicUsize::new(0),
+            meet: Mutex::new((parties, 0)),
+            met: Condvar::new(),
+            inside: AtomicUsize::new(0),
+            most_inside: AtomicUsize::new(0),
+        }
+    }
+    fn open(&self) {
+        *self.closed.lock().unwrap() = false;
+        self.cv.notify_all();
+    }
+    fn wait_flushing(&self) {
+        let deadline = Instant::now() + TIMEOUT;
+        // Acquire pairs with the Release increment in `flush`.
+        while self.flushing.load(Ordering::Acquire) == 0 {
+            assert!(Instant::now() < deadline, "the flush never reached the backend");
+            std::thread::yield_now();
+        }
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+impl BlockBackend for Slow {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn features(&self) -> BackendFeatures {
+        self.disk.features()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        // Relaxed: statistics, read after the threads are joined.
+        let now = self.inside.fetch_add(1, Ordering::Relaxed) + 1;
+        self.most_inside.fetch_max(now, Ordering::Relaxed);
+        let mut m = self.meet.lock().unwrap();
+        if m.0 > 0 {
+            m.1 += 1;
+            if m.1 == m.0 {
+                // Everyone is here: the meeting is over for good.
+                *m = (0, 0);
+                self.met.notify_all();
+            } else {
+                let (g, r) = self.met.wait_timeout_while(m, TIMEOUT, |m| m.0 > 0).unwrap();
+                m = g;
+                if r.timed_out() {
+                    m.1 -= 1;
+                    drop(m);
+                    self.inside.fetch_sub(1, Ordering::Relaxed);
+                    return Err(BackendError::Io { op: "no other queue came", os_error: None });
+                }
+            }
+        }
+        drop(m);
+        let r = self.disk.read_at(offset, buf);
+        self.inside.fetch_sub(1, Ordering::Relaxed);
+        r
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
+        self.disk.write_at(offset, buf)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        self.flushing.fetch_add(1, Ordering::Release);
+        let mut closed = self.closed.lock().unwrap();
+        while *closed {
+            closed = self.cv.wait(closed).unwrap();
+        }
+        Ok(())
+    }
+}
+
+/// A device that answers every read with a constant.
+struct Constant;
+impl Device for Constant {
+    fn read(&self, _: Access) -> Result<u64, DeviceError> {
+        Ok(0x5a)
+    }
+    fn write(&self, _: Access, _: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}
+
+const OTHER: u64 = 0x2000_0000;
+
+/// A bus with a virtio-blk over `disk` at `BASE` and a [`Constant`] at
+/// `OTHER`, and one vCPU thread sending a FLUSH that blocks in the backend.
+fn flush_blocked(
+    disk: Arc<Slow>,
+    deferred: bool,
+) -> (IoBus<Mmio>, vmio::DeviceId, Option<QueueWorkers>, std::thread::JoinHandle<u8>) {
+    let blk = VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap();
+    let line = Arc::new(CountingLine::default());
+    let transport = Arc::new(MmioTransport::new(blk, guest_ram(), line, Trigger::Edge));
+    let workers = deferred.then(|| QueueWorkers::spawn(transport.clone(), events(1)).unwrap());
+    let bus = IoBus::<Mmio>::new();
+    bus.register(IoRange::new(BASE, 0x200).unwrap(), transport).unwrap();
+    let other = bus.register(IoRange::new(OTHER, 0x1000).unwrap(), Arc::new(Constant)).unwrap();
+    let (_, queues) = bring_up(&bus, BASE, 1, u64::MAX);
+    let q = queues.into_iter().next().unwrap();
+    let vcpu = std::thread::spawn(move || {
+        let mut q = q.attach();
+        q.request(T_FLUSH, 0, &[], &mut []).0
+    });
+    disk.wait_flushing();
+    (bus, other, workers, vcpu)
+}
+
+#[test]
+fn unplug_and_dispatch_go_on_while_a_worker_flushes() {
+    let disk = Arc::new(Slow::new(1 << 20, 0));
+    let (bus, other, workers, vcpu) = flush_blocked(disk.clone(), true);
+
+    // vCPUs keep dispatching, to the flushing device too.
+    let mut h = bus.handle(7);
+    for _ in 0..100 {
+        assert_eq!(h.read(OTHER, Width::U32).unwrap(), 0x5a);
+        assert_eq!(h.read(BASE, Width::U32).unwrap(), 0x7472_6976, "magic");
+        // A notify on the busy queue returns at once (it only signals).
+        h.write(BASE + QUEUE_NOTIFY_OFFSET, Width::U32, 0).unwrap();
+    }
+    drop(h);
+
+    // Unplugging the other device completes while the flush is stuck.
+    let unplug = bus.unregister(other).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || tx.send(unplug.wait()).unwrap());
+    let waited = rx.recv_timeout(TIMEOUT);
+    assert!(
+        matches!(waited, Ok(Ok(()))),
+        "Unplug::wait held up by a flush on a worker: {waited:?}"
+    );
+    waiter.join().unwrap();
+    assert!(bus.read(OTHER, Width::U32).is_err(), "the other device is gone");
+
+    disk.open();
+    assert_eq!(vcpu.join().unwrap(), S_OK, "the flush completed");
+    drop(workers);
+}
+
+#[test]
+fn inline_flush_holds_up_unplug_control() {
+    // The same scene served inline: the vCPU is inside the bus's read
+    // section for the whole flush, so no unplug on that bus can complete.
+    let disk = Arc::new(Slow::new(1 << 20, 0));
+    let (bus, other, workers, vcpu) = flush_blocked(disk.clone(), false);
+    assert!(workers.is_none());
+    let unplug = bus.unregister(other).unwrap();
+    for _ in 0..100 {
+        assert!(!unplug.poll(), "unplug completed while a vCPU was inside the bus");
+    }
+    disk.open();
+    assert_eq!(vcpu.join().unwrap(), S_OK);
+    unplug.wait().unwrap();
+}
+
+#[test]
+fn unplug_the_device_itself_mid_flush() {
+    let disk = Arc::new(Slow::new(1 << 20, 0));
+    let (bus, _, workers, vcpu) = flush_blocked(disk.clone(), true);
+    let id = bus.lookup(BASE).unwrap().0;
+    // Serves run outside the bus: the unplug completes at once...
+    bus.unregister(id).unwrap().wait().unwrap();
+    // ...and shutting the workers down waits for the flush in progress,
+    // which completes and is published (the driver's poll sees it).
+    let opener = {
+        let disk = disk.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            disk.open();
+        })
+    };
+    workers.unwrap().shutdown();
+    opener.join().unwrap();
+    assert_eq!(vcpu.join().unwrap(), S_OK, "the flush in flight completed");
+}
+
+#[test]
+fn two_queues_served_by_two_workers_at_once_match_shadow() {
+    const QUEUES: u16 = 2;
+    let ops = if cfg!(miri) { 10 } else { 300 };
+    // The first read of each queue completes only while the other queue's
+    // read is inside the backend too: serialized workers fail the request.
+    let disk = Arc::new(Slow::new(2 << 20, usize::from(QUEUES)));
+    disk.open();
+    let sectors = disk.size() as usize / SECTOR_SIZE;
+    let config = BlkConfig { num_queues: QUEUES, ..BlkConfig::default() };
+    let blk = VirtioBlk::new(disk.clone(), config).unwrap();
+    let transport = Arc::new(MmioTransport::new(
+        blk,
+        guest_ram(),
+        Arc::new(CountingLine::default()),
+        Trigger::Edge,
+    ));
+    let workers = QueueWorkers::spawn(transport.clone(), events(QUEUES)).unwrap();
+    let bus = IoBus::<Mmio>::new();
+    bus.register(IoRange::new(BASE, 0x200).unwrap(), transport).unwrap();
+    let (_, queues) = bring_up(&bus, BASE, QUEUES, u64::MAX);
+
+    // Each vCPU owns half the disk: its shadow is exact.
+    let half = sectors / usize::from(QUEUES);
+    let threads: Vec<_> = queues
+        .into_iter()
+        .map(|q| {
+            std::thread::spawn(move || {
+                let mut q = q.attach();
+                let base = usize::from(q.index()) * half;
+                let mut shadow = vec![0u8; half * SECTOR_SIZE];
+                let mut rng = Rng(0x5eed ^ u64::from(q.index()));
+                let mut first = vec![0u8; SECTOR_SIZE];
+                let (status, _) = q.request(T_IN, base as u64, &[], &mut first);
+                assert_eq!(status, S_OK, "queue {}: the two queues never ran at once", q.index());
+                for op in 0..ops {
+                    let n = 1 + rng.below(16) as usize;
+                    let start = rng.below((half - n) as u64) as usize;
+                    let what = format!("queue {} op {op}", q.index());
+                    if rng.below(2) == 0 {
+                        let data: Vec<u8> =
+                            (0..n * SECTOR_SIZE).map(|_| rng.next() as u8).collect();
+                        let (s, _) = q.request(T_OUT, (base + start) as u64, &data, &mut []);
+                        assert_eq!(s, S_OK, "{what}");
+                        shadow[start * SECTOR_SIZE..(start + n) * SECTOR_SIZE]
+                            .copy_from_slice(&data);
+                    } else {
+                        let mut back = vec![0u8; n * SECTOR_SIZE];
+                        let (s, _) = q.request(T_IN, (base + start) as u64, &[], &mut back);
+                        assert_eq!(s, S_OK, "{what}");
+                        assert!(
+                            back[..] == shadow[start * SECTOR_SIZE..(start + n) * SECTOR_SIZE],
+                            "{what}: read differs from the shadow"
+                        );
+                    }
+                }
+                (base, shadow)
+            })
+        })
+        .collect();
+    let shadows: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(disk.most_inside.load(Ordering::Relaxed), 2, "the workers never overlapped");
+    for (base, shadow) in shadows {
+        let mut on_disk = vec![0u8; shadow.len()];
+        disk.disk.read_at((base * SECTOR_SIZE) as u64, &mut on_disk).unwrap();
+        assert!(on_disk == shadow, "backend differs from the shadow of sectors {base}..");
+    }
+    workers.shutdown();
 }

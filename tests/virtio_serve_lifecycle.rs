@@ -354,11 +354,6 @@ fn queue_ready_zero_stops_the_queue_in(deferred: bool) {
         drv.notify(0).unwrap();
         dev.serve(0); // what a worker would do on a stray wake-up
     }
-    if let Some(w) = workers.as_ref() {
-        // Whatever the worker does with those wake-ups, it does before
-        // shutdown returns; put it back afterwards.
-        let _ = w;
-    }
     assert_eq!(reqs.status(st2), 0xff, "status byte written while QueueReady = 0");
     assert_eq!(sector_byte(&disk, 2), 0, "disk written while QueueReady = 0");
     assert_eq!(drv.queue(0).used_idx(&*ram).unwrap(), used_before, "used ring written");
