@@ -108,8 +108,8 @@ impl EchoDevice {
         let mem = &*ctx.memory;
         let mut buf = [0u8; 512];
         loop {
-            while let Some(res) =
-                (!stop.is_requested()).then(|| ctx.queue.pop(mem).transpose()).flatten()
+            while !stop.is_requested()
+                && let Some(res) = ctx.queue.pop(mem).transpose()
             {
                 match res {
                     Ok(chain) => {
@@ -138,7 +138,8 @@ impl EchoDevice {
                     Err(e) => return Err(e),
                 }
             }
-            if !ctx.queue.enable_notification(mem)? {
+            // Stopping: the rest stays in the ring. Otherwise the re-check.
+            if stop.is_requested() || !ctx.queue.enable_notification(mem)? {
                 break;
             }
         }
