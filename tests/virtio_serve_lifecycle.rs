@@ -21,6 +21,9 @@
 //! - `reset_while_a_worker_is_mid_batch`: no panic, every request either
 //!   completed once (backend ran it, used ring has it once) or never
 //!   started; the device comes back after re-initialisation.
+//! - `unplug_while_a_worker_is_mid_batch`: the unplug completes while the
+//!   worker is inside the batch; shutting the workers down finishes the
+//!   batch: every request completed exactly once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -550,4 +553,59 @@ fn reset_while_a_worker_is_mid_batch() {
 
 fn sector_byte_g(disk: &Gated, sector: u64) -> u8 {
     sector_byte(&disk.disk, sector)
+}
+
+#[test]
+fn unplug_while_a_worker_is_mid_batch() {
+    const BATCH: u64 = 16;
+    const BASE: u64 = 0x1000_0000;
+    let ram = Arc::new(GuestRam::new(RAM, RAM_SIZE).unwrap());
+    let disk = Arc::new(Gated::new());
+    let blk = VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap();
+    let dev = Arc::new(MmioTransport::new(
+        blk,
+        ram.clone(),
+        Arc::new(RecordingIrq::new()),
+        Trigger::Edge,
+    ));
+    let workers =
+        QueueWorkers::spawn(dev.clone(), vec![Arc::new(CondvarEvent::new()) as _]).unwrap();
+    let bus = vmio::IoBus::<vmio::Mmio>::new();
+    let id = bus.register(vmio::IoRange::new(BASE, 0x200).unwrap(), dev.clone()).unwrap();
+    drop(dev);
+    let mut drv = MmioDriver::new(vmio::testing::BusIo { bus: &bus, base: BASE });
+    drv.init(&*ram, OPTS, &[(0, QSIZE, QBASE)]).unwrap();
+    let mut reqs = Requests::new(ram.clone());
+    let mut statuses = Vec::new();
+    for i in 0..BATCH {
+        let (bufs, st) = reqs.write(10 + i, 0x60 + i as u8);
+        drv.queue(0).add_unpublished(&*ram, &bufs).unwrap();
+        statuses.push(st);
+    }
+    drv.queue(0).publish(&*ram).unwrap();
+    drv.notify(0).unwrap();
+    disk.wait_entered();
+
+    // The worker is inside request 0: the unplug does not wait for it.
+    let unplug = bus.unregister(id).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || tx.send(unplug.wait()).unwrap());
+    assert!(matches!(rx.recv_timeout(DEADLINE), Ok(Ok(()))), "unplug waited for the worker");
+    waiter.join().unwrap();
+
+    // Shutting the workers down finishes what the worker had started.
+    disk.open();
+    workers.shutdown();
+    let q = drv.queue(0);
+    let mut seen = Vec::new();
+    while let Some((id, _)) = q.pop_used(&*ram).unwrap() {
+        assert!(!seen.contains(&id), "head {id} completed twice");
+        seen.push(id);
+    }
+    assert_eq!(seen.len() as u64, BATCH, "a request of the batch was lost");
+    assert_eq!(disk.writes.load(Ordering::Relaxed) as u64, BATCH);
+    for (i, &st) in statuses.iter().enumerate() {
+        assert_eq!(reqs.status(st), S_OK, "request {i}");
+        assert_eq!(sector_byte_g(&disk, 10 + i as u64), 0x60 + i as u8);
+    }
 }
