@@ -166,8 +166,37 @@ fn deferred_virtio_drivers_end_to_end() {
     // Completions were signalled through the line (the driver polls, but
     // the device still interrupts when the driver has not suppressed it).
     assert!(line.0.load(Ordering::Relaxed) > 0, "no interrupt raised from the workers");
-    drop(driver);
+
+    // Shut down, the transport is inline again: the vCPU serves.
     workers.shutdown();
+    let data = vec![0x77u8; 4 * SECTOR_SIZE];
+    driver.write_blocks(8, &data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    driver.read_blocks(8, &mut back).unwrap();
+    assert_eq!(back, data);
+    let me = std::thread::current().name().map(str::to_owned);
+    let threads = std::mem::take(&mut *disk.threads.lock().unwrap());
+    assert!(
+        !threads.is_empty() && threads.iter().all(|t| Some(t) == me.as_ref()),
+        "after shutdown the vCPU serves inline: {threads:?}"
+    );
+}
+
+#[test]
+fn workers_need_one_event_per_queue() {
+    let blk =
+        VirtioBlk::new(RamDisk::new(1 << 20), BlkConfig { num_queues: 2, ..BlkConfig::default() })
+            .unwrap();
+    let transport = Arc::new(MmioTransport::new(
+        blk,
+        guest_ram(),
+        Arc::new(CountingLine::default()),
+        Trigger::Edge,
+    ));
+    let err = QueueWorkers::spawn(transport.clone(), events(1)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    let workers = QueueWorkers::spawn(transport, events(2)).unwrap();
+    assert_eq!(workers.len(), 2);
 }
 
 /// Stands in front of the transport the way KVM does with an ioeventfd
