@@ -64,7 +64,7 @@ pub struct QueueWorkers {
     events: Vec<Arc<dyn QueueEvent>>,
     threads: Vec<JoinHandle<()>>,
     /// Puts the transport back in inline mode at shutdown.
-    inline: Option<Box<dyn FnOnce() + Send>>,
+    inline: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl core::fmt::Debug for QueueWorkers {
@@ -188,5 +188,17 @@ impl Drop for QueueWorkers {
         // No second panic while unwinding: a worker's panic is reported by
         // `shutdown`, not by drop.
         self.stop_and_join(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_can_live_in_shared_vmm_state() {
+        fn shared<T: Send + Sync>() {}
+        shared::<QueueWorkers>();
+        shared::<MmioTransport<crate::testing::EchoDevice>>();
     }
 }
