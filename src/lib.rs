@@ -54,7 +54,8 @@
 )]
 
 extern crate alloc;
-#[cfg(feature = "std")]
+// Tests use threads and `std` collections even in the no_std build.
+#[cfg(any(feature = "std", test))]
 extern crate std;
 
 mod addr;

@@ -3,8 +3,10 @@
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
 
+use crossbeam_epoch::{Guard, LocalHandle};
+
 use super::Inner;
-use super::grace::{Pinned, Reader};
+use super::reclaim::Reclaim;
 use super::search::LINEAR_MAX;
 use super::table::Table;
 use crate::addr::{AddressSpace, Width};
@@ -13,12 +15,41 @@ use crate::error::AccessError;
 
 /// A vCPU thread's view of an [`IoBus`](super::IoBus).
 ///
-/// Dispatching through it enters a read section (a store to this handle's
-/// own cache line, no fence), loads the table, searches it and calls the
-/// device inside the section. It never locks, retries or allocates.
+/// Dispatching through it pins the bus's epoch collector through this
+/// handle's own participant (one store to the handle's own cache line and a
+/// full fence), loads the table, searches it and calls the device while
+/// pinned. It never locks, retries or allocates. Every 128th pin, crossbeam
+/// also tries to advance the epoch and runs a few retired closures: each
+/// frees a table or queues devices for a writer to drop, so no device's
+/// destructor ever runs on the handle's thread from here.
+///
+/// # Not `Send`
+///
+/// The handle owns a crossbeam-epoch `LocalHandle`, whose bookkeeping
+/// (pin count, local garbage) is plain thread-local state that crossbeam
+/// declares `!Send`; vmio does not override that. Create each handle on the
+/// vCPU thread that will use it — clone the [`IoBus`](super::IoBus) (it is
+/// `Send + Sync`) into the thread:
+///
+/// ```
+/// # use vmio::{IoBus, Mmio, Width};
+/// let bus = IoBus::<Mmio>::new();
+/// let vcpus: Vec<_> = (0..2)
+///     .map(|id| {
+///         let bus = bus.clone();
+///         std::thread::spawn(move || {
+///             let mut vcpu = bus.handle(id); // created on its own thread
+///             vcpu.read(0x1000, Width::U32).is_err()
+///         })
+///     })
+///     .collect();
+/// for v in vcpus {
+///     assert!(v.join().unwrap());
+/// }
+/// ```
 pub struct VcpuHandle<S> {
     inner: Arc<Inner<S>>,
-    reader: Reader,
+    local: LocalHandle,
     vcpu: u32,
     /// Slot index of this vCPU's last hit. A guess, checked against the
     /// current table on use: a stale index simply misses (see [`hinted`]).
@@ -27,8 +58,8 @@ pub struct VcpuHandle<S> {
 
 impl<S: AddressSpace> VcpuHandle<S> {
     pub(super) fn new(inner: Arc<Inner<S>>, vcpu: u32) -> Self {
-        let reader = inner.domain.reader();
-        VcpuHandle { inner, reader, vcpu, hint: Hint::default() }
+        let local = inner.reclaim.register();
+        VcpuHandle { inner, local, vcpu, hint: Hint::default() }
     }
 
     /// The vCPU id passed to devices in [`Access::vcpu`].
@@ -44,8 +75,8 @@ impl<S: AddressSpace> VcpuHandle<S> {
     /// range, [`AccessError::Device`] when the device refuses it.
     #[inline]
     pub fn read(&mut self, addr: u64, width: Width) -> Result<u64, AccessError> {
-        let section = self.reader.pin();
-        dispatch_read(&self.inner, &section, addr, width, Some(self.vcpu), &mut self.hint)
+        let guard = self.local.pin();
+        dispatch_read(&self.inner, &guard, addr, width, Some(self.vcpu), &mut self.hint)
     }
 
     /// Dispatches a guest write of the low `width` bytes of `value` at `addr`.
@@ -54,8 +85,8 @@ impl<S: AddressSpace> VcpuHandle<S> {
     /// As for [`Self::read`].
     #[inline]
     pub fn write(&mut self, addr: u64, width: Width, value: u64) -> Result<(), AccessError> {
-        let section = self.reader.pin();
-        dispatch_write(&self.inner, &section, addr, width, value, Some(self.vcpu), &mut self.hint)
+        let guard = self.local.pin();
+        dispatch_write(&self.inner, &guard, addr, width, value, Some(self.vcpu), &mut self.hint)
     }
 }
 
@@ -122,156 +153,145 @@ fn route(
     Ok((i, Access { offset: addr - table.starts[i], addr, width, vcpu: None }))
 }
 
-/// The published table, valid for as long as `section` is open.
+/// The published table, valid for as long as `guard` is pinned.
 #[inline(always)]
-pub(super) fn load<'s, S>(inner: &'s Inner<S>, section: &'s Pinned<'_>) -> &'s Table {
-    let _ = section;
+pub(super) fn load<'g, S>(inner: &Inner<S>, guard: &'g Guard) -> &'g Table {
     // Acquire pairs with the writer's Release swap: the table behind the
     // pointer is fully built.
-    let table = inner.table.load(Ordering::Acquire);
+    let table = inner.table.load(Ordering::Acquire, guard);
     // SAFETY: the pointer is never null (a table is published at
-    // construction), and a table is freed only after every read section
-    // open when it was unlinked has closed; `section` outlives the borrow.
-    unsafe { &*table }
+    // construction), and a table is freed only by a closure deferred to
+    // this bus's collector after it was unlinked, which the collector runs
+    // only once every participant pinned before the defer has unpinned;
+    // `guard` is such a pin and outlives the borrow.
+    unsafe { table.deref() }
 }
 
 #[inline(always)]
 pub(super) fn dispatch_read<S>(
     inner: &Inner<S>,
-    section: &Pinned<'_>,
+    guard: &Guard,
     addr: u64,
     width: Width,
     vcpu: Option<u32>,
     hint: &mut Hint,
 ) -> Result<u64, AccessError> {
-    let table = load(inner, section);
+    let table = load(inner, guard);
     let (i, access) = route(table, hint, addr, width)?;
     let slot = &table.slots[i];
-    let _depth = DispatchDepth::enter();
-    // SAFETY: the registry's `Arc` for this device is released only by the
-    // retired destructor of a table that no longer names it, which runs
-    // after `section` closes.
+    // SAFETY: the registry's `Arc` for this device is released only after
+    // the collector has run the retirement of a table that no longer names
+    // it, which waits for `guard` to unpin.
     let device = unsafe { &*slot.device };
-    device
-        .read(Access { vcpu, ..access })
-        .map(|v| v & width.mask())
-        .map_err(|error| AccessError::Device { device: slot.id, error })
+    inside(&inner.reclaim, || {
+        device
+            .read(Access { vcpu, ..access })
+            .map(|v| v & width.mask())
+            .map_err(|error| AccessError::Device { device: slot.id, error })
+    })
 }
 
 #[inline(always)]
 pub(super) fn dispatch_write<S>(
     inner: &Inner<S>,
-    section: &Pinned<'_>,
+    guard: &Guard,
     addr: u64,
     width: Width,
     value: u64,
     vcpu: Option<u32>,
     hint: &mut Hint,
 ) -> Result<(), AccessError> {
-    let table = load(inner, section);
+    let table = load(inner, guard);
     let (i, access) = route(table, hint, addr, width)?;
     let slot = &table.slots[i];
-    let _depth = DispatchDepth::enter();
     // SAFETY: as in `dispatch_read`.
     let device = unsafe { &*slot.device };
-    device
-        .write(Access { vcpu, ..access }, value & width.mask())
-        .map_err(|error| AccessError::Device { device: slot.id, error })
+    inside(&inner.reclaim, || {
+        device
+            .write(Access { vcpu, ..access }, value & width.mask())
+            .map_err(|error| AccessError::Device { device: slot.id, error })
+    })
 }
 
-/// Marks the current thread as inside a device call, so an unplug wait from
-/// device code fails fast instead of waiting on its own pin.
-struct DispatchDepth;
-
-#[cfg(feature = "std")]
-std::thread_local! {
-    static DEPTH: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
-}
-
-impl DispatchDepth {
-    #[inline(always)]
-    fn enter() -> Self {
-        #[cfg(feature = "std")]
-        DEPTH.with(|d| d.set(d.get() + 1));
-        DispatchDepth
+/// Runs a device call of `bus`, marked as such on this thread so that an
+/// unplug wait on `bus` from device code fails fast instead of waiting on
+/// its own pin.
+#[inline(always)]
+fn inside<R>(bus: &Arc<Reclaim>, call: impl FnOnce() -> R) -> R {
+    #[cfg(feature = "std")]
+    return frames::inside(Arc::as_ptr(bus), call);
+    #[cfg(not(feature = "std"))]
+    {
+        let _ = bus;
+        call()
     }
 }
 
-impl Drop for DispatchDepth {
-    #[inline(always)]
-    fn drop(&mut self) {
-        #[cfg(feature = "std")]
-        DEPTH.with(|d| d.set(d.get() - 1));
+/// Whether this thread is inside a device call of `bus` (directly, or with
+/// calls of other buses nested inside it). Always false without `std` (no
+/// thread-local storage to ask).
+pub(super) fn inside_dispatch_of(bus: &Arc<Reclaim>) -> bool {
+    #[cfg(feature = "std")]
+    return frames::includes(Arc::as_ptr(bus));
+    #[cfg(not(feature = "std"))]
+    {
+        let _ = bus;
+        false
     }
 }
 
-/// Whether this thread is inside a device call of any bus. Always false
-/// without `std` (no thread-local storage to ask).
-pub(super) fn inside_dispatch() -> bool {
-    #[cfg(feature = "std")]
-    return DEPTH.with(|d| d.get() > 0);
-    #[cfg(not(feature = "std"))]
-    false
-}
-
-/// Runs `f` with a reader of `inner`'s domain: this thread's cached one
-/// under `std`, a fresh registration without.
-pub(super) fn with_reader<S: AddressSpace, R>(
-    inner: &Arc<Inner<S>>,
-    f: impl FnOnce(&Reader) -> R,
-) -> R {
-    #[cfg(feature = "std")]
-    return cached::with_reader(inner, f);
-    #[cfg(not(feature = "std"))]
-    f(&inner.domain.reader())
-}
-
 #[cfg(feature = "std")]
-mod cached {
-    //! Per-thread readers for the handle-free `IoBus::read`/`write`.
+mod frames {
+    //! The buses whose device calls are open on this thread: a linked list
+    //! of frames that live on the stack of the dispatches themselves.
 
-    use alloc::rc::Rc;
-    use alloc::sync::{Arc, Weak};
-    use alloc::vec::Vec;
-    use core::any::Any;
-    use core::cell::RefCell;
+    use core::cell::Cell;
+    use core::ptr;
 
-    use super::{Inner, Reader};
-    use crate::addr::AddressSpace;
+    use super::Reclaim;
 
-    /// A bus (by its `Weak`, which pins the allocation so the address is not
-    /// reused, and tells when the bus is gone) and this thread's reader of it.
-    type Entry = (Weak<dyn Any + Send + Sync>, Rc<Reader>);
+    struct Frame {
+        bus: *const Reclaim,
+        outer: *const Frame,
+    }
 
     std::thread_local! {
-        /// One reader per bus this thread has dispatched on.
-        static READERS: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
+        /// The innermost open device call, or null.
+        static INNERMOST: Cell<*const Frame> = const { Cell::new(ptr::null()) };
     }
 
-    pub(super) fn with_reader<S: AddressSpace, R>(
-        inner: &Arc<Inner<S>>,
-        f: impl FnOnce(&Reader) -> R,
-    ) -> R {
-        let me = Arc::as_ptr(inner).cast::<()>();
-        let reader = READERS.with(|r| {
-            if let Some(reader) = find(&r.borrow(), me) {
-                return reader;
+    /// Puts the outer frame back when the call returns or unwinds.
+    struct Restore(*const Frame);
+
+    impl Drop for Restore {
+        #[inline(always)]
+        fn drop(&mut self) {
+            INNERMOST.with(|f| f.set(self.0));
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn inside<R>(bus: *const Reclaim, call: impl FnOnce() -> R) -> R {
+        let frame = Frame { bus, outer: INNERMOST.with(Cell::get) };
+        INNERMOST.with(|f| f.set(&frame));
+        let _restore = Restore(frame.outer);
+        call()
+    }
+
+    pub(super) fn includes(bus: *const Reclaim) -> bool {
+        let mut frame = INNERMOST.with(Cell::get);
+        while !frame.is_null() {
+            // SAFETY: every frame in the list lives in the stack frame of an
+            // `inside` call on this thread that has not returned yet (each
+            // unlinks its frame when it returns or unwinds, innermost
+            // first), so the pointer is valid.
+            let f = unsafe { &*frame };
+            if ptr::eq(f.bus, bus) {
+                return true;
             }
-            let mut r = r.borrow_mut();
-            r.retain(|(bus, _)| bus.strong_count() > 0);
-            let weak: Weak<dyn Any + Send + Sync> = Arc::downgrade(inner) as _;
-            r.push((weak, Rc::new(inner.domain.reader())));
-            find(&r, me).expect("reader was just added")
-        });
-        // The borrow is released before `f` runs, so a device may dispatch
-        // on another (or the same) bus from inside `f`.
-        f(&reader)
-    }
-
-    fn find(r: &[Entry], me: *const ()) -> Option<Rc<Reader>> {
-        r.iter()
-            .find(|(bus, _)| bus.as_ptr().cast::<()>() == me)
-            .map(|(_, reader)| Rc::clone(reader))
+            frame = f.outer;
+        }
+        false
     }
 }
 
@@ -283,9 +303,8 @@ impl<S: AddressSpace> super::IoBus<S> {
     /// # Errors
     /// As for [`VcpuHandle::read`].
     pub fn read(&self, addr: u64, width: Width) -> Result<u64, AccessError> {
-        with_reader(&self.inner, |r| {
-            dispatch_read(&self.inner, &r.pin(), addr, width, None, &mut Hint::default())
-        })
+        let guard = self.inner.reclaim.pin();
+        dispatch_read(&self.inner, &guard, addr, width, None, &mut Hint::default())
     }
 
     /// Dispatches a write without a [`VcpuHandle`]; see [`Self::read`].
@@ -293,9 +312,8 @@ impl<S: AddressSpace> super::IoBus<S> {
     /// # Errors
     /// As for [`VcpuHandle::write`].
     pub fn write(&self, addr: u64, width: Width, value: u64) -> Result<(), AccessError> {
-        with_reader(&self.inner, |r| {
-            dispatch_write(&self.inner, &r.pin(), addr, width, value, None, &mut Hint::default())
-        })
+        let guard = self.inner.reclaim.pin();
+        dispatch_write(&self.inner, &guard, addr, width, value, None, &mut Hint::default())
     }
 }
 
