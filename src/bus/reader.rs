@@ -1,5 +1,6 @@
 //! The read side: per-vCPU handles and the dispatch hot path.
 
+use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
 
@@ -49,7 +50,8 @@ use crate::error::AccessError;
 /// ```
 pub struct VcpuHandle<S> {
     inner: Arc<Inner<S>>,
-    local: LocalHandle,
+    /// Boxed so its address, recorded for the unplug-wait check, is stable.
+    local: Box<LocalHandle>,
     vcpu: u32,
     /// Slot index of this vCPU's last hit. A guess, checked against the
     /// current table on use: a stale index simply misses (see [`hinted`]).
@@ -58,7 +60,9 @@ pub struct VcpuHandle<S> {
 
 impl<S: AddressSpace> VcpuHandle<S> {
     pub(super) fn new(inner: Arc<Inner<S>>, vcpu: u32) -> Self {
-        let local = inner.reclaim.register();
+        let local = Box::new(inner.reclaim.register());
+        #[cfg(feature = "std")]
+        owned::add(Arc::as_ptr(&inner.reclaim), &*local);
         VcpuHandle { inner, local, vcpu, hint: Hint::default() }
     }
 
@@ -87,6 +91,13 @@ impl<S: AddressSpace> VcpuHandle<S> {
     pub fn write(&mut self, addr: u64, width: Width, value: u64) -> Result<(), AccessError> {
         let guard = self.local.pin();
         dispatch_write(&self.inner, &guard, addr, width, value, Some(self.vcpu), &mut self.hint)
+    }
+}
+
+impl<S> Drop for VcpuHandle<S> {
+    fn drop(&mut self) {
+        #[cfg(feature = "std")]
+        owned::remove(&*self.local);
     }
 }
 
@@ -183,12 +194,10 @@ pub(super) fn dispatch_read<S>(
     // the collector has run the retirement of a table that no longer names
     // it, which waits for `guard` to unpin.
     let device = unsafe { &*slot.device };
-    inside(&inner.reclaim, || {
-        device
-            .read(Access { vcpu, ..access })
-            .map(|v| v & width.mask())
-            .map_err(|error| AccessError::Device { device: slot.id, error })
-    })
+    device
+        .read(Access { vcpu, ..access })
+        .map(|v| v & width.mask())
+        .map_err(|error| AccessError::Device { device: slot.id, error })
 }
 
 #[inline(always)]
@@ -206,33 +215,21 @@ pub(super) fn dispatch_write<S>(
     let slot = &table.slots[i];
     // SAFETY: as in `dispatch_read`.
     let device = unsafe { &*slot.device };
-    inside(&inner.reclaim, || {
-        device
-            .write(Access { vcpu, ..access }, value & width.mask())
-            .map_err(|error| AccessError::Device { device: slot.id, error })
-    })
+    device
+        .write(Access { vcpu, ..access }, value & width.mask())
+        .map_err(|error| AccessError::Device { device: slot.id, error })
 }
 
-/// Runs a device call of `bus`, marked as such on this thread so that an
-/// unplug wait on `bus` from device code fails fast instead of waiting on
-/// its own pin.
-#[inline(always)]
-fn inside<R>(bus: &Arc<Reclaim>, call: impl FnOnce() -> R) -> R {
-    #[cfg(feature = "std")]
-    return frames::inside(Arc::as_ptr(bus), call);
-    #[cfg(not(feature = "std"))]
-    {
-        let _ = bus;
-        call()
-    }
-}
-
-/// Whether this thread is inside a device call of `bus` (directly, or with
-/// calls of other buses nested inside it). Always false without `std` (no
+/// Whether this thread is inside a device call of `bus`, i.e. holds a pin
+/// of its collector through one of the participants it owns: its vCPU
+/// handles (a handle is `!Send`, so it lives on the thread that created it)
+/// and its cached participant for the handle-free paths. vmio pins around
+/// device calls only, so a pin seen from device code is an open dispatch of
+/// that bus somewhere below on the stack. Always false without `std` (no
 /// thread-local storage to ask).
 pub(super) fn inside_dispatch_of(bus: &Arc<Reclaim>) -> bool {
     #[cfg(feature = "std")]
-    return frames::includes(Arc::as_ptr(bus));
+    return owned::pinned(Arc::as_ptr(bus)) || bus.cached_is_pinned();
     #[cfg(not(feature = "std"))]
     {
         let _ = bus;
@@ -241,57 +238,45 @@ pub(super) fn inside_dispatch_of(bus: &Arc<Reclaim>) -> bool {
 }
 
 #[cfg(feature = "std")]
-mod frames {
-    //! The buses whose device calls are open on this thread: a linked list
-    //! of frames that live on the stack of the dispatches themselves.
+mod owned {
+    //! The vCPU handles' participants that live on this thread.
 
-    use core::cell::Cell;
+    use alloc::vec::Vec;
+    use core::cell::RefCell;
     use core::ptr;
+
+    use crossbeam_epoch::LocalHandle;
 
     use super::Reclaim;
 
-    struct Frame {
-        bus: *const Reclaim,
-        outer: *const Frame,
-    }
-
     std::thread_local! {
-        /// The innermost open device call, or null.
-        static INNERMOST: Cell<*const Frame> = const { Cell::new(ptr::null()) };
+        /// Each of this thread's vCPU handles: its bus's domain and its
+        /// participant (boxed in the handle, so the address is stable).
+        static OWNED: RefCell<Vec<(*const Reclaim, *const LocalHandle)>> =
+            const { RefCell::new(Vec::new()) };
     }
 
-    /// Puts the outer frame back when the call returns or unwinds.
-    struct Restore(*const Frame);
-
-    impl Drop for Restore {
-        #[inline(always)]
-        fn drop(&mut self) {
-            INNERMOST.with(|f| f.set(self.0));
-        }
+    pub(super) fn add(bus: *const Reclaim, local: *const LocalHandle) {
+        // Without thread-local storage (a handle made in a thread-local
+        // destructor) the handle still works; only the wait check misses it.
+        let _ = OWNED.try_with(|o| o.borrow_mut().push((bus, local)));
     }
 
-    #[inline(always)]
-    pub(super) fn inside<R>(bus: *const Reclaim, call: impl FnOnce() -> R) -> R {
-        let frame = Frame { bus, outer: INNERMOST.with(Cell::get) };
-        INNERMOST.with(|f| f.set(&frame));
-        let _restore = Restore(frame.outer);
-        call()
+    pub(super) fn remove(local: *const LocalHandle) {
+        let _ = OWNED.try_with(|o| o.borrow_mut().retain(|&(_, l)| !ptr::eq(l, local)));
     }
 
-    pub(super) fn includes(bus: *const Reclaim) -> bool {
-        let mut frame = INNERMOST.with(Cell::get);
-        while !frame.is_null() {
-            // SAFETY: every frame in the list lives in the stack frame of an
-            // `inside` call on this thread that has not returned yet (each
-            // unlinks its frame when it returns or unwinds, innermost
-            // first), so the pointer is valid.
-            let f = unsafe { &*frame };
-            if ptr::eq(f.bus, bus) {
-                return true;
-            }
-            frame = f.outer;
-        }
-        false
+    pub(super) fn pinned(bus: *const Reclaim) -> bool {
+        OWNED
+            .try_with(|o| {
+                o.borrow().iter().any(|&(b, local)| {
+                    // SAFETY: an entry is removed by its handle's `Drop`
+                    // before the boxed participant is freed, and handles
+                    // never leave this thread, so the pointer is valid.
+                    ptr::eq(b, bus) && unsafe { (*local).is_pinned() }
+                })
+            })
+            .unwrap_or(false)
     }
 }
 

@@ -63,6 +63,12 @@ impl Reclaim {
         self.collector.register().pin()
     }
 
+    /// Whether this thread's cached participant of this bus is pinned.
+    #[cfg(feature = "std")]
+    pub(crate) fn cached_is_pinned(self: &Arc<Self>) -> bool {
+        cached::is_pinned(self)
+    }
+
     /// Hands `old` (already unlinked: no read section that begins from now
     /// on can reach it) and the bus's references to the devices the same
     /// edit unplugged to the collector. The returned flag turns true once no
@@ -75,7 +81,7 @@ impl Reclaim {
         devices: Vec<Arc<dyn Device>>,
     ) -> Arc<AtomicBool> {
         let done = Arc::new(AtomicBool::new(false));
-        // Relaxed: a statistic that only steers `drain_all`; the items
+        // Relaxed: a gauge that only steers `drain_all` and waits' backoff; the items
         // themselves are handed over through the collector and `Ready`.
         self.pending.fetch_add(1, Ordering::Relaxed);
         let old = SendPtr(old.as_raw().cast_mut());
@@ -116,6 +122,12 @@ impl Reclaim {
         guard.flush();
         drop(guard);
         self.ready.drain();
+    }
+
+    /// Retirements not done yet (a progress gauge for waits).
+    pub(crate) fn pending(&self) -> usize {
+        // Relaxed: see `retire`.
+        self.pending.load(Ordering::Relaxed)
     }
 
     /// Drops the devices of every retirement whose grace period is over.
@@ -283,6 +295,17 @@ mod cached {
         /// address from being reused while the entry exists).
         static LOCALS: RefCell<Vec<(Weak<Reclaim>, LocalHandle)>> =
             const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn is_pinned(domain: &Arc<Reclaim>) -> bool {
+        LOCALS
+            .try_with(|locals| {
+                let me = Arc::as_ptr(domain);
+                locals.try_borrow().is_ok_and(|locals| {
+                    locals.iter().any(|(d, local)| d.as_ptr() == me && local.is_pinned())
+                })
+            })
+            .unwrap_or(false)
     }
 
     /// Pins this thread's participant of `domain`, registering one on first
