@@ -401,6 +401,7 @@ impl Backoff {
     /// Rounds of spinning (2, 4, … 64 spin hints) before yielding.
     const SPIN: u32 = 6;
     /// Rounds of yielding before sleeping.
+    #[cfg(feature = "std")]
     const YIELD: u32 = Self::SPIN + 10;
     /// Longest sleep, in microseconds.
     #[cfg(feature = "std")]

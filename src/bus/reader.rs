@@ -8,7 +8,7 @@ use crossbeam_epoch::{Guard, LocalHandle};
 
 use super::Inner;
 use super::reclaim::Reclaim;
-use super::search::LINEAR_MAX;
+use super::search::HINT_MIN;
 use super::table::Table;
 use crate::addr::{AddressSpace, Width};
 use crate::device::Access;
@@ -117,18 +117,20 @@ impl Hint {
     const TRUST: u8 = 2;
 }
 
-/// The slot holding `addr`, trying `hint` first when it has been right.
+/// The slot that may hold `addr` — the one with the last start at or below
+/// it — trying `hint` first when it has been right. The caller checks the
+/// slot's end.
 ///
-/// Small tables skip the hint: their branch-free count costs about what
-/// checking and maintaining the hint does, and never mispredicts.
+/// Small tables skip the hint: their search costs about what checking and
+/// maintaining the hint does, and never mispredicts.
 ///
 /// Checking the hint's range against the table being searched is the whole
 /// validation: ranges never overlap, so a slot that contains `addr` is the
 /// right one, whichever table generation the hint came from.
 #[inline(always)]
-fn hinted(table: &Table, hint: &mut Hint, addr: u64) -> Option<usize> {
-    if table.starts.len() <= LINEAR_MAX {
-        return table.find(addr);
+fn candidate(table: &Table, hint: &mut Hint, addr: u64) -> Option<usize> {
+    if table.starts.len() <= HINT_MIN {
+        return super::search::last_start_at_or_below(&table.starts, addr);
     }
     if hint.streak >= Hint::TRUST {
         let h = hint.slot;
@@ -139,7 +141,7 @@ fn hinted(table: &Table, hint: &mut Hint, addr: u64) -> Option<usize> {
             return Some(h);
         }
     }
-    let i = table.find(addr)?;
+    let i = super::search::last_start_at_or_below(&table.starts, addr)?;
     hint.streak = if i == hint.slot { hint.streak.saturating_add(1) } else { 0 };
     hint.slot = i;
     Some(i)
@@ -153,15 +155,20 @@ fn route(
     addr: u64,
     width: Width,
 ) -> Result<(usize, Access), AccessError> {
-    let i = hinted(table, hint, addr).ok_or(AccessError::Unmapped { addr })?;
-    let slot = &table.slots[i];
-    // Overflow means the access runs past the top of the space, which no
-    // range can contain.
+    let i = candidate(table, hint, addr).ok_or(AccessError::Unmapped { addr })?;
+    // SAFETY: `candidate` returns an index into `starts` (a search result,
+    // or a hint it checked with `get`), and `slots` has the same length.
+    let (start, slot) = unsafe { (*table.starts.get_unchecked(i), table.slots.get_unchecked(i)) };
+    // One compare decides the common case: the whole access fits. Overflow
+    // means the access runs past the top of the space, which no range can
+    // contain.
     match addr.checked_add(width.bytes() - 1) {
-        Some(end) if end <= slot.last => {}
-        _ => return Err(AccessError::Straddles { addr, width: width.bytes(), device: slot.id }),
+        Some(end) if end <= slot.last => {
+            Ok((i, Access { offset: addr - start, addr, width, vcpu: None }))
+        }
+        _ if addr > slot.last => Err(AccessError::Unmapped { addr }),
+        _ => Err(AccessError::Straddles { addr, width: width.bytes(), device: slot.id }),
     }
-    Ok((i, Access { offset: addr - table.starts[i], addr, width, vcpu: None }))
 }
 
 /// The published table, valid for as long as `guard` is pinned.
@@ -189,7 +196,8 @@ pub(super) fn dispatch_read<S>(
 ) -> Result<u64, AccessError> {
     let table = load(inner, guard);
     let (i, access) = route(table, hint, addr, width)?;
-    let slot = &table.slots[i];
+    // SAFETY: `route` returns an index into the table.
+    let slot = unsafe { table.slots.get_unchecked(i) };
     // SAFETY: the registry's `Arc` for this device is released only after
     // the collector has run the retirement of a table that no longer names
     // it, which waits for `guard` to unpin.
@@ -212,7 +220,8 @@ pub(super) fn dispatch_write<S>(
 ) -> Result<(), AccessError> {
     let table = load(inner, guard);
     let (i, access) = route(table, hint, addr, width)?;
-    let slot = &table.slots[i];
+    // SAFETY: `route` returns an index into the table.
+    let slot = unsafe { table.slots.get_unchecked(i) };
     // SAFETY: as in `dispatch_read`.
     let device = unsafe { &*slot.device };
     device
@@ -334,7 +343,7 @@ mod tests {
         bus.register(r(0x3000), Arc::new(Tag(3))).unwrap();
         // Above every address below, so the indices the test names hold;
         // enough of them that the table is large enough to use the hint.
-        for k in 0..=super::LINEAR_MAX as u64 {
+        for k in 0..=super::HINT_MIN as u64 {
             bus.register(r(0x10_0000 + k * 0x1000), Arc::new(Tag(100))).unwrap();
         }
         let mut h = bus.handle(0);
