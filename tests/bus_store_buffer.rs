@@ -77,7 +77,7 @@ fn readers_never_reach_a_reclaimed_or_unregistered_device() {
                     let gone = unregistered.load(SeqCst);
                     // Both paths: the handle's own participant and the
                     // thread's cached one.
-                    let got = if calls % 2 == 0 {
+                    let got = if calls.is_multiple_of(2) {
                         h.read(ADDR, Width::U64)
                     } else {
                         bus.read(ADDR, Width::U64)

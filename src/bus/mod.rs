@@ -423,7 +423,7 @@ impl Backoff {
             } else {
                 // 10 µs, doubling, capped.
                 let us = (10u64 << (step - Self::YIELD).min(10)).min(Self::MAX_SLEEP_US);
-                std::thread::sleep(std::time::Duration::from_micros(us));
+                std::thread::sleep(core::time::Duration::from_micros(us));
             }
         }
         #[cfg(not(feature = "std"))]
