@@ -70,27 +70,20 @@ fn edit_storm(bus: &IoBus<Mmio>) -> (f64, Unplug) {
     (rate, last.expect("at least one edit"))
 }
 
-#[test]
-fn a_stuck_vcpu_neither_slows_edits_nor_keeps_unplugs_from_completing_afterwards() {
-    // Baseline: the same storm with every vCPU idle. Best of two, so a
-    // moment of machine load does not make the baseline look slow.
-    let free_rate = (0..2)
-        .map(|_| {
-            let bus = populated();
-            let (rate, last) = edit_storm(&bus);
-            last.wait().unwrap();
-            rate
-        })
-        .fold(0.0, f64::max);
-
+/// Runs `edit_storm` on a populated bus while vCPU 1 keeps dispatching
+/// and, when `stuck`, vCPU 0 sits inside a device call. Returns the storm's
+/// rate, the delay between releasing vCPU 0 and the last unplug
+/// completing, and whether that unplug was still pending before.
+fn storm_beside_vcpus(stuck: bool) -> (f64, Duration, bool) {
     let bus = populated();
     let parking = Arc::new(Parking { entered: Barrier::new(2), release: AtomicBool::new(false) });
     bus.register(range(0x2000_0000, 0x1000), parking.clone()).unwrap();
-    let vcpu = {
+    let parked = stuck.then(|| {
         let bus = bus.clone();
-        thread::spawn(move || bus.handle(0).read(0x2000_0000, Width::U32))
-    };
-    parking.entered.wait();
+        let vcpu = thread::spawn(move || bus.handle(0).read(0x2000_0000, Width::U32));
+        parking.entered.wait();
+        vcpu
+    });
 
     // Another vCPU keeps dispatching meanwhile.
     let stop = Arc::new(AtomicBool::new(false));
@@ -105,25 +98,40 @@ fn a_stuck_vcpu_neither_slows_edits_nor_keeps_unplugs_from_completing_afterwards
             n
         })
     };
-    let (stuck_rate, last) = edit_storm(&bus);
+    let (rate, last) = edit_storm(&bus);
     stop.store(true, SeqCst);
     assert!(other.join().unwrap() > 0, "the other vCPU kept dispatching");
-    assert!(!last.poll(), "a grace period cannot end while a vCPU is pinned");
-    eprintln!(
-        "edits/s: {free_rate:.0} with every vCPU idle, {stuck_rate:.0} with one parked in a device"
-    );
-    assert!(
-        stuck_rate * 3.0 >= free_rate,
-        "edits slowed down by a parked vCPU: {stuck_rate:.0}/s against {free_rate:.0}/s"
-    );
+    let pending = !last.poll();
 
     let released = Instant::now();
     parking.release.store(true, SeqCst);
     last.wait().unwrap();
     let delay = released.elapsed();
-    eprintln!("last unplug complete {delay:?} after the vCPU was released");
+    if let Some(vcpu) = parked {
+        assert_eq!(vcpu.join().unwrap(), Ok(7));
+    }
+    (rate, delay, pending)
+}
+
+#[test]
+fn a_stuck_vcpu_neither_slows_edits_nor_keeps_unplugs_from_completing_afterwards() {
+    // Best of two each, so a moment of load on the machine does not decide.
+    let (free, _, _) = storm_beside_vcpus(false);
+    let (free2, _, _) = storm_beside_vcpus(false);
+    let free = free.max(free2);
+    let (stuck, delay, pending) = storm_beside_vcpus(true);
+    let (stuck2, delay2, pending2) = storm_beside_vcpus(true);
+    let (stuck, delay) = (stuck.max(stuck2), delay.max(delay2));
+    eprintln!(
+        "edits/s: {free:.0} with every vCPU free, {stuck:.0} with one parked in a device; \
+         last unplug complete {delay:?} after the parked vCPU returned"
+    );
+    assert!(pending && pending2, "a grace period cannot end while a vCPU is pinned");
+    assert!(
+        stuck * 3.0 >= free,
+        "edits slowed down by a parked vCPU: {stuck:.0}/s against {free:.0}/s"
+    );
     assert!(delay < Duration::from_secs(1), "unplug completed {delay:?} after release");
-    assert_eq!(vcpu.join().unwrap(), Ok(7));
 }
 
 /// Counts its drops; the one with `panics` set panics in `Drop`.

@@ -17,8 +17,9 @@
 //!   unlinked has unpinned) and a driver has dropped the bus's reference to
 //!   the device, the [`Unplug`] ticket's flag is raised.
 //!
-//! Lock order: the writer lock is a leaf. Nothing else is acquired while it
-//! is held, and device code never runs under it.
+//! Lock order: the writer lock, then the reclamation domain's short list of
+//! held retirements (taken on its own by unplug polls and waits). Device
+//! code never runs under either.
 
 mod reader;
 mod reclaim;
@@ -264,9 +265,8 @@ impl<S: AddressSpace> IoBus<S> {
         // `old` points to alive until those have unpinned.
         let done = self.inner.reclaim.retire(&guard, old, retired);
         drop(registry);
-        // Outside the lock, since this may run device destructors: hand the
-        // retirement to the collector and finish whatever is due.
-        guard.flush();
+        // Outside the lock, since this may run device destructors: finish
+        // whatever is due (`retire` handed this edit to the collector).
         drop(guard);
         self.inner.reclaim.run_ready();
         Ok(Committed {

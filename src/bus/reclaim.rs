@@ -26,11 +26,15 @@ use crossbeam_epoch::{Collector, Guard, LocalHandle, Shared};
 
 use super::table::Table;
 use crate::device::Device;
+use crate::sync::Mutex;
 
 /// One bus's reclamation domain.
 pub(crate) struct Reclaim {
     collector: Collector,
     ready: Arc<Ready>,
+    /// Retirements held back while the collector is not keeping up (see
+    /// `retire`). Taken under the writer lock and by `flush`, nothing else.
+    held: Mutex<Vec<Unlinked>>,
     /// Retirements whose unplug has not completed yet.
     pending: Arc<AtomicUsize>,
 }
@@ -40,6 +44,7 @@ impl Reclaim {
         Arc::new(Reclaim {
             collector: Collector::new(),
             ready: Arc::new(Ready { head: AtomicPtr::new(ptr::null_mut()) }),
+            held: Mutex::new(Vec::new()),
             pending: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -81,44 +86,60 @@ impl Reclaim {
         devices: Vec<Arc<dyn Device>>,
     ) -> Arc<AtomicBool> {
         let done = Arc::new(AtomicBool::new(false));
-        // Relaxed: a gauge that only steers `drain_all` and waits' backoff; the items
-        // themselves are handed over through the collector and `Ready`.
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        let old = SendPtr(old.as_raw().cast_mut());
+        // Relaxed: a gauge that only steers holding, `drain_all` and waits'
+        // backoff; the items themselves are handed over through the
+        // collector, `held` and `Ready`.
+        let before = self.pending.fetch_add(1, Ordering::Relaxed);
         let item = Box::new(Retired {
             devices,
             next: ptr::null_mut(),
             done: Done { flag: Arc::clone(&done), pending: Arc::clone(&self.pending) },
         });
-        let ready = Arc::clone(&self.ready);
-        let free = move || {
-            // The whole wrapper, not just its (non-`Send`) field.
-            let old = old;
-            // SAFETY: `old` came from `Owned::into_shared` when it was
-            // published, was unlinked by the writer's swap before this
-            // closure was deferred, and the collector runs the closure only
-            // after every read section pinned before the defer has ended;
-            // nothing else frees a table.
-            drop(unsafe { Box::from_raw(old.0) });
-            if item.devices.is_empty() {
-                // Nothing foreign to run: done here (dropping `item` flips
-                // its flag).
-                drop(item);
-            } else {
-                ready.push(item);
+        let unlinked = Unlinked { table: SendPtr(old.as_raw().cast_mut()), item };
+        if before < HOLD_AFTER {
+            let ready = Arc::clone(&self.ready);
+            // `defer` requires `Send + 'static`, which the closure is; it
+            // cannot panic (freeing a table runs no foreign code).
+            guard.defer(move || unlinked.finish(&ready));
+            guard.flush();
+        } else {
+            // Something holds the epoch (a vCPU parked in a device): keep
+            // the retirement here and hand a whole batch to the collector
+            // at once, so each edit does not also pin a batch of crossbeam's
+            // (about 2 KiB) until the vCPU returns.
+            let mut held = self.held.lock();
+            held.push(unlinked);
+            if held.len() >= HOLD_BATCH {
+                self.defer_held(guard, core::mem::take(&mut *held));
+                drop(held);
+                guard.flush();
             }
-        };
-        // SAFETY-free: `defer` requires `Send + 'static`, which the closure
-        // is; it cannot panic (freeing a table runs no foreign code).
-        guard.defer(free);
+        }
         done
     }
 
-    /// Moves this thread's retirements into the collector, runs whatever is
-    /// past its grace period, and drops the devices that became ready.
-    /// Never waits for a reader.
+    /// Defers `batch` as one closure.
+    fn defer_held(&self, guard: &Guard, batch: Vec<Unlinked>) {
+        if batch.is_empty() {
+            return;
+        }
+        let ready = Arc::clone(&self.ready);
+        // Deferring later than the unlink is always safe: the grace period
+        // only gets longer.
+        guard.defer(move || {
+            for unlinked in batch {
+                unlinked.finish(&ready);
+            }
+        });
+    }
+
+    /// Moves held and this thread's retirements into the collector, runs
+    /// whatever is past its grace period, and drops the devices that became
+    /// ready. Never waits for a reader.
     pub(crate) fn flush(self: &Arc<Self>) {
         let guard = self.pin();
+        let held = core::mem::take(&mut *self.held.lock());
+        self.defer_held(&guard, held);
         guard.flush();
         drop(guard);
         self.ready.drain();
@@ -145,6 +166,37 @@ impl Reclaim {
                 return;
             }
             self.flush();
+        }
+    }
+}
+
+/// Retirements allowed in flight before new ones are held back and batched.
+const HOLD_AFTER: usize = 16;
+/// Held retirements handed to the collector in one closure.
+const HOLD_BATCH: usize = 64;
+
+/// An unlinked table and its retirement, on their way to the collector.
+struct Unlinked {
+    table: SendPtr,
+    item: Box<Retired>,
+}
+
+impl Unlinked {
+    /// Runs once the grace period is over: frees the table and completes the
+    /// retirement, or queues its devices for a driver.
+    fn finish(self, ready: &Ready) {
+        // SAFETY: the table came from `Owned::into_shared` when it was
+        // published, was unlinked by the writer's swap before it was retired,
+        // and this runs from a closure the collector runs only after every
+        // participant pinned before the defer has unpinned; nothing else frees
+        // a table.
+        drop(unsafe { Box::from_raw(self.table.0) });
+        if self.item.devices.is_empty() {
+            // Nothing foreign to run: done here (dropping the item flips
+            // its flag).
+            drop(self.item);
+        } else {
+            ready.push(self.item);
         }
     }
 }
