@@ -89,14 +89,20 @@ impl Reclaim {
         // Relaxed: a gauge that only steers holding, `drain_all` and waits'
         // backoff; the items themselves are handed over through the
         // collector, `held` and `Ready`.
-        let before = self.pending.fetch_add(1, Ordering::Relaxed);
+        let pending = self.pending.fetch_add(1, Ordering::Relaxed);
         let item = Box::new(Retired {
             devices,
             next: ptr::null_mut(),
             done: Done { flag: Arc::clone(&done), pending: Arc::clone(&self.pending) },
         });
         let unlinked = Unlinked { table: SendPtr(old.as_raw().cast_mut()), item };
-        if before < HOLD_AFTER {
+        let mut held = self.held.lock();
+        // Retirements the collector has and has not finished yet.
+        let in_flight = pending.saturating_sub(held.len());
+        if in_flight < HOLD_AFTER {
+            // The collector keeps up (again): hand it anything held too.
+            self.defer_held(guard, core::mem::take(&mut *held));
+            drop(held);
             let ready = Arc::clone(&self.ready);
             // `defer` requires `Send + 'static`, which the closure is; it
             // cannot panic (freeing a table runs no foreign code).
@@ -107,7 +113,6 @@ impl Reclaim {
             // the retirement here and hand a whole batch to the collector
             // at once, so each edit does not also pin a batch of crossbeam's
             // (about 2 KiB) until the vCPU returns.
-            let mut held = self.held.lock();
             held.push(unlinked);
             if held.len() >= HOLD_BATCH {
                 self.defer_held(guard, core::mem::take(&mut *held));
