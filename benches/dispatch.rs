@@ -14,7 +14,11 @@
 //! * `vm_device`: rust-vmm's `IoManager` behind an `RwLock` so it can hot-plug;
 //! * `linear_vec`: a linear scan over a `Vec` (axdevice 0.2's), behind an
 //!   `RwLock` for the same reason;
-//! * `arc_swap`: an `ArcSwap` over a sorted array (Dragonball's).
+//! * `arc_swap`: an `ArcSwap` over a sorted array (Dragonball's);
+//! * `naive_epoch`: the obvious crossbeam-epoch design — the default
+//!   collector's `pin()`, an `Atomic` sorted `Vec` of `(start, last,
+//!   device)` and `slice::binary_search_by_key` — which vmio's handle path
+//!   must beat.
 //!
 //! Groups are named `{pattern}-{threads}t[-writer]`; each benchmark id is
 //! `{subject}/{n}` and one iteration is 1024 accesses
@@ -558,10 +562,92 @@ impl Subject for ArcSwapEntries {
     }
 }
 
+// ------------------------------------------------- naive crossbeam-epoch
+
+/// The obvious epoch design: default collector, one sorted array of
+/// entries, the standard library's binary search.
+struct NaiveEpoch {
+    table: crossbeam_epoch::Atomic<Entries>,
+    writer: Mutex<()>,
+}
+
+impl NaiveEpoch {
+    fn new(n: u64) -> Self {
+        let s =
+            NaiveEpoch { table: crossbeam_epoch::Atomic::new(Vec::new()), writer: Mutex::new(()) };
+        s.plug_batch(&(0..n).map(start_of).collect::<Vec<_>>());
+        s
+    }
+
+    /// Copies the table, lets `edit` change the copy, publishes it and
+    /// retires the old one.
+    fn edit(&self, edit: impl FnOnce(&mut Entries)) {
+        let _w = self.writer.lock().unwrap();
+        let guard = crossbeam_epoch::pin();
+        // SAFETY: never null; only writers retire it, and we are the writer.
+        let mut next: Entries =
+            unsafe { self.table.load(Ordering::Acquire, &guard).deref() }.clone();
+        edit(&mut next);
+        let old = self.table.swap(crossbeam_epoch::Owned::new(next), Ordering::AcqRel, &guard);
+        // SAFETY: unlinked by the swap; freed after every pinned reader left.
+        unsafe { guard.defer_destroy(old) };
+        guard.flush();
+    }
+}
+
+impl Subject for NaiveEpoch {
+    fn run(&self, vcpu: u32, stream: &[u64], reps: u64) -> u64 {
+        let mut sum = 0u64;
+        each(stream, reps, |a| {
+            let guard = crossbeam_epoch::pin();
+            // SAFETY: never null; retired tables are freed only after this
+            // guard is dropped.
+            let t = unsafe { self.table.load(Ordering::Acquire, &guard).deref() };
+            let i = match t.binary_search_by_key(&a, |e| e.0) {
+                Ok(i) => Some(i),
+                Err(i) => i.checked_sub(1),
+            };
+            if let Some((start, last, dev)) = i.map(|i| &t[i])
+                && fits(a, *last)
+            {
+                sum = sum.wrapping_add(call(&**dev, *start, a, vcpu) & WIDTH.mask());
+            }
+        });
+        sum
+    }
+    fn plug(&self, start: u64) -> u64 {
+        self.plug_batch(&[start])[0]
+    }
+    fn unplug(&self, token: u64) {
+        self.unplug_batch(&[token]);
+    }
+    fn plug_batch(&self, starts: &[u64]) -> Vec<u64> {
+        self.edit(|next| {
+            for &s in starts {
+                let pos = next.partition_point(|(x, _, _)| *x < s);
+                next.insert(pos, (s, s + SIZE - 1, new_device() as Arc<dyn Device>));
+            }
+        });
+        starts.to_vec()
+    }
+    fn unplug_batch(&self, tokens: &[u64]) {
+        self.edit(|next| next.retain(|(s, _, _)| !tokens.contains(s)));
+    }
+}
+
+impl Drop for NaiveEpoch {
+    fn drop(&mut self) {
+        // SAFETY: exclusive access; no reader is left.
+        drop(unsafe {
+            self.table.load(Ordering::Relaxed, crossbeam_epoch::unprotected()).into_owned()
+        });
+    }
+}
+
 // ---------------------------------------------------------------- harness
 
 const SIZES: [u64; 5] = [1, 8, 64, 512, 4096];
-const SUBJECTS: [&str; 8] = [
+const SUBJECTS: [&str; 9] = [
     "floor",
     "vmio",
     "vmio_std",
@@ -570,6 +656,7 @@ const SUBJECTS: [&str; 8] = [
     "vm_device",
     "linear_vec",
     "arc_swap",
+    "naive_epoch",
 ];
 
 fn build(name: &str, n: u64) -> Box<dyn Subject> {
@@ -582,6 +669,7 @@ fn build(name: &str, n: u64) -> Box<dyn Subject> {
         "vm_device" => Box::new(VmDevice::new(n)),
         "linear_vec" => Box::new(LinearVec::new(n)),
         "arc_swap" => Box::new(ArcSwapEntries::new(n)),
+        "naive_epoch" => Box::new(NaiveEpoch::new(n)),
         other => unreachable!("unknown subject {other}"),
     }
 }

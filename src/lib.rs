@@ -3,12 +3,15 @@
 //! and unplugged underneath.
 //!
 //! Each address space has an [`IoBus`]: an immutable, sorted interval table
-//! published through an atomic pointer and reclaimed after a grace period.
-//! A lookup through a [`VcpuHandle`] marks itself active (one store to the
-//! handle's own cache line, no fence: the fence is the reclaimer's, through
-//! `membarrier` on Linux), loads, searches and calls the device: no lock, no
-//! retry, no allocation and no shared-cache-line write. Hot-plug copies the table, edits it, validates
-//! it and swaps it in; the old table is freed after a grace period.
+//! published through an atomic pointer and reclaimed with crossbeam-epoch
+//! (a private collector per bus). A lookup through a [`VcpuHandle`] pins the
+//! handle's own participant of that collector, loads, searches and calls the
+//! device: no lock, no retry, no allocation, and no reference count shared
+//! between vCPUs. Hot-plug copies the table, edits it, validates it and
+//! swaps it in; the old table is freed once every vCPU that could see it has
+//! unpinned, and an unplugged device's destructor runs on a thread that
+//! drives reclamation (a writer, an unplug poll or wait) outside the bus's
+//! lock, never in crossbeam's collection step inside a vCPU's pin.
 //!
 //! # Example
 //!
@@ -54,7 +57,8 @@
 )]
 
 extern crate alloc;
-#[cfg(feature = "std")]
+// Tests use threads and `std` collections even in the no_std build.
+#[cfg(any(feature = "std", test))]
 extern crate std;
 
 mod addr;

@@ -2,26 +2,27 @@
 //!
 //! # Protocol
 //!
-//! * **Readers** (vCPUs, through a [`VcpuHandle`]) enter a read section of
-//!   the bus's grace-period domain (see [`grace`]: a store to the reader's own
-//!   cache line, no fence), load the current [`Table`] with `Acquire`, search
-//!   it and call the device while still inside. They take no lock, never
-//!   retry and write no shared cache line.
+//! * **Readers** (vCPUs, through a [`VcpuHandle`]) pin the bus's private
+//!   crossbeam-epoch collector (see [`reclaim`]), load the current [`Table`]
+//!   with `Acquire`, search it and call the device while still pinned. They
+//!   take no lock, never retry and allocate nothing.
 //! * **Writers** take the writer lock, copy the current table, apply their
 //!   edits, validate, publish the new table and retire the old one (and any
-//!   unplugged device's `Arc`) to the domain. They release the lock before
-//!   reclaiming (which may run device destructors) and never wait for a
-//!   grace period, so a device may edit its own bus from inside a dispatch
-//!   without deadlock.
-//! * **Unplug completion**: the destructor of the table that last named a
-//!   device also raises the [`Unplug`] ticket's flag; by then every reader
-//!   that could have seen the device has left its read section.
+//!   unplugged device's `Arc`) to the collector. They release the lock
+//!   before driving reclamation (which may run device destructors) and never
+//!   wait for a grace period, so a device may edit its own bus from inside a
+//!   dispatch without deadlock.
+//! * **Unplug completion**: once the collector has run the retirement of the
+//!   table that last named a device (every reader pinned when it was
+//!   unlinked has unpinned) and a driver has dropped the bus's reference to
+//!   the device, the [`Unplug`] ticket's flag is raised.
 //!
-//! Lock order: the writer lock is a leaf. Nothing else is acquired while it
-//! is held, and device code never runs under it.
+//! Lock order: the writer lock, then the reclamation domain's short list of
+//! held retirements (taken on its own by unplug polls and waits). Device
+//! code never runs under either.
 
-mod grace;
 mod reader;
+mod reclaim;
 pub(crate) mod search;
 pub(crate) mod table;
 
@@ -30,12 +31,12 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use alloc::boxed::Box;
-use grace::Domain;
+use crossbeam_epoch::{Atomic, Owned};
 
 pub use reader::VcpuHandle;
+use reclaim::Reclaim;
 use table::{Draft, Slot, Table};
 
 use crate::addr::{AddressSpace, IoRange};
@@ -97,11 +98,11 @@ pub struct Committed {
 }
 
 pub(crate) struct Inner<S> {
-    /// The published table: from `Box::into_raw`, never null. Readers may
-    /// dereference it inside a read section of `domain`.
-    table: AtomicPtr<Table>,
-    /// This bus's readers and retired tables.
-    domain: Arc<Domain>,
+    /// The published table, never null. Readers may dereference it while
+    /// pinned in `reclaim`'s collector.
+    table: Atomic<Table>,
+    /// This bus's collector and retired items.
+    reclaim: Arc<Reclaim>,
     /// Owner of every live device's `Arc`, serializing writers.
     writer: Mutex<BTreeMap<DeviceId, Arc<dyn Device>>>,
     next_id: AtomicU64,
@@ -111,13 +112,16 @@ pub(crate) struct Inner<S> {
 impl<S> Drop for Inner<S> {
     fn drop(&mut self) {
         // SAFETY: `Inner` is dropped only when no `IoBus` or `VcpuHandle`
-        // refers to it, so no reader can be inside a section that reaches
-        // the current table or a retired one; the current table came from
-        // `Box::into_raw` and nothing else frees it.
-        unsafe {
-            drop(Box::from_raw(*self.table.get_mut()));
-            self.domain.free_all();
-        }
+        // refers to it, so no reader is pinned with a reference to the
+        // current table; it was published from an `Owned` and only a writer
+        // (none is left) retires it.
+        drop(unsafe {
+            self.table.load(Ordering::Relaxed, crossbeam_epoch::unprotected()).into_owned()
+        });
+        // Retired tables are the collector's; with no reader left, a few
+        // rounds run them all, and the unplugged devices go now rather
+        // than whenever the collector's last participant leaves.
+        self.reclaim.drain_all();
     }
 }
 
@@ -150,8 +154,8 @@ impl<S: AddressSpace> IoBus<S> {
     pub fn new() -> Self {
         IoBus {
             inner: Arc::new(Inner {
-                table: AtomicPtr::new(Box::into_raw(Box::new(Table::empty()))),
-                domain: Domain::new(),
+                table: Atomic::new(Table::empty()),
+                reclaim: Reclaim::new(),
                 writer: Mutex::new(BTreeMap::new()),
                 next_id: AtomicU64::new(1),
                 space: PhantomData,
@@ -161,8 +165,9 @@ impl<S: AddressSpace> IoBus<S> {
 
     /// A handle for one vCPU thread: the lock-free dispatch path.
     ///
-    /// The handle holds a reader registration and is therefore `!Send`:
-    /// create it on the thread that will use it.
+    /// The handle is a participant of the bus's epoch collector and is
+    /// therefore `!Send`: create it on the thread that will use it (see
+    /// [`VcpuHandle`] for the pattern).
     pub fn handle(&self, vcpu: u32) -> VcpuHandle<S> {
         VcpuHandle::new(Arc::clone(&self.inner), vcpu)
     }
@@ -208,12 +213,14 @@ impl<S: AddressSpace> IoBus<S> {
         edits: impl IntoIterator<Item = Edit<S>>,
     ) -> Result<Committed, BusError> {
         let mut registry = self.inner.writer.lock();
+        let guard = self.inner.reclaim.pin();
         // Acquire: pairs with the previous writer's publishing swap (under
         // the lock too, so this is belt and braces).
-        let current_ptr = self.inner.table.load(Ordering::Acquire);
+        let current_ptr = self.inner.table.load(Ordering::Acquire, &guard);
         // SAFETY: never null; only a writer retires the published table, and
-        // we hold the writer lock, so it stays alive until we swap it out.
-        let current = unsafe { &*current_ptr };
+        // we hold the writer lock (and a pin), so it stays alive until we
+        // swap it out.
+        let current = unsafe { current_ptr.deref() };
 
         let mut draft = Draft::from_table(current);
         let mut registered = Vec::new();
@@ -222,8 +229,8 @@ impl<S: AddressSpace> IoBus<S> {
         for edit in edits {
             match edit {
                 Edit::Register { range, device } => {
-                    let id = DeviceId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
                     // Relaxed: the counter only hands out unique numbers.
+                    let id = DeviceId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
                     let slot = Slot { last: range.last(), id, device: Arc::as_ptr(&device) };
                     draft.insert(range.start(), slot)?;
                     registered.push(id);
@@ -242,40 +249,29 @@ impl<S: AddressSpace> IoBus<S> {
             }
         }
 
-        let next = Box::into_raw(Box::new(draft.compile(current.generation + 1)));
+        let next = Owned::new(draft.compile(current.generation + 1));
         // Release: a reader whose Acquire load sees the new pointer also sees
-        // the fully built table behind it. Acquire: nothing below moves above
-        // the unlink the grace period is counted from.
-        let old = self.inner.table.swap(next, Ordering::AcqRel);
+        // the fully built table behind it. Acquire: the retirement below is
+        // ordered after the unlink.
+        let old = self.inner.table.swap(next, Ordering::AcqRel, &guard);
         debug_assert_eq!(old, current_ptr);
-        let old = SendPtr(old);
         registry.extend(added);
         // A device registered and unregistered in the same transaction is
         // in `added` too, so `extend` comes before the removals.
         let retired: Vec<Arc<dyn Device>> =
             removed.iter().filter_map(|id| registry.remove(id)).collect();
-        let done = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&done);
-        // `old` was unlinked by the swap above, so only read sections that
-        // began before now can reach it; the domain runs this closure after
-        // all of them have ended. The retired `Arc`s keep the devices that
-        // `old` points to alive until then.
-        self.inner.domain.retire(Box::new(move || {
-            let old = old;
-            // SAFETY: from `Box::into_raw`, unlinked, and past its grace
-            // period (see above); retired exactly once.
-            drop(unsafe { Box::from_raw(old.0) });
-            drop(retired);
-            // Release: whoever sees the flag sees the devices dropped.
-            flag.store(true, Ordering::Release);
-        }));
+        // `old` was unlinked by the swap above, so only readers pinned
+        // before now can reach it; the retired `Arc`s keep the devices that
+        // `old` points to alive until those have unpinned.
+        let done = self.inner.reclaim.retire(&guard, old, retired);
         drop(registry);
-        // Outside the lock: this may run device destructors. Batched, since
-        // each reclaim interrupts the vCPUs; unplug waits reclaim at once.
-        self.inner.domain.reclaim_if_due();
+        // Outside the lock, since this may run device destructors: finish
+        // whatever is due (`retire` handed this edit to the collector).
+        drop(guard);
+        self.inner.reclaim.run_ready();
         Ok(Committed {
             registered,
-            unplug: Unplug { done, domain: Arc::clone(&self.inner.domain) },
+            unplug: Unplug { done, reclaim: Arc::clone(&self.inner.reclaim) },
         })
     }
 
@@ -315,10 +311,8 @@ impl<S: AddressSpace> IoBus<S> {
     }
 
     fn with_table<R>(&self, f: impl FnOnce(&Table) -> R) -> R {
-        reader::with_reader(&self.inner, |reader| {
-            let section = reader.pin();
-            f(reader::load(&self.inner, &section))
-        })
+        let guard = self.inner.reclaim.pin();
+        f(reader::load(&self.inner, &guard))
     }
 }
 
@@ -330,13 +324,8 @@ fn range_of<S: AddressSpace>(t: &Table, i: usize) -> IoRange<S> {
 /// devices an [`IoBus::unregister`] (or transaction) removed.
 pub struct Unplug {
     done: Arc<AtomicBool>,
-    domain: Arc<Domain>,
+    reclaim: Arc<Reclaim>,
 }
-
-/// A retired table pointer on its way to the domain's destructor list.
-struct SendPtr(*mut Table);
-// SAFETY: `Table` is `Send`; the pointer is an owned `Box` in transit.
-unsafe impl Send for SendPtr {}
 
 impl fmt::Debug for Unplug {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -348,15 +337,16 @@ impl Unplug {
     /// Whether the grace period has passed: no dispatch is still inside the
     /// removed devices, and the bus has dropped its references to them.
     pub fn is_complete(&self) -> bool {
-        // Acquire pairs with the Release store in the deferred destructor.
+        // Acquire pairs with the Release store when the retirement is done.
         self.done.load(Ordering::Acquire)
     }
 
-    /// Helps reclamation along once; returns [`Self::is_complete`]. For
-    /// no_std VMMs that poll instead of blocking.
+    /// Helps reclamation along once (never blocks on a reader); returns
+    /// [`Self::is_complete`]. For no_std VMMs that poll instead of blocking,
+    /// and for device code, which must not [`wait`](Self::wait) on its own bus.
     pub fn poll(&self) -> bool {
         if !self.is_complete() {
-            self.domain.reclaim();
+            self.reclaim.flush();
         }
         self.is_complete()
     }
@@ -364,28 +354,82 @@ impl Unplug {
     /// Blocks until [`Self::is_complete`]. A vCPU still inside a removed
     /// device keeps this waiting until its call returns.
     ///
+    /// While waiting it drives reclamation itself, at full speed while that
+    /// makes progress, and otherwise backs off: a few short spins, then
+    /// yielding the CPU, then (with `std`) sleeping with a growing interval
+    /// up to a millisecond. It never interrupts other CPUs.
+    ///
     /// # Errors
     /// [`WaitError::InsideDispatch`] when the calling thread is itself inside
-    /// a vmio dispatch (a device unplugging during its own call): its own
-    /// open dispatch would make the wait endless. Detection needs `std`; without it,
+    /// a dispatch of this same bus (a device unplugging during its own
+    /// call, or a device of another bus called from one): its own open
+    /// dispatch would make the wait endless. Waiting on an unrelated bus
+    /// from inside a dispatch is fine. Detection needs `std`; without it,
     /// use [`Self::poll`] from device code.
     pub fn wait(&self) -> Result<(), WaitError> {
         if self.is_complete() {
             return Ok(());
         }
-        if reader::inside_dispatch() {
+        if reader::inside_dispatch_of(&self.reclaim) {
             return Err(WaitError::InsideDispatch);
         }
-        while !self.is_complete() {
-            // Each pass ends the grace period of whatever no reader is still
-            // inside, and runs those destructors.
-            self.domain.reclaim();
-            #[cfg(feature = "std")]
-            std::thread::yield_now();
-            #[cfg(not(feature = "std"))]
-            core::hint::spin_loop();
+        let mut backoff = Backoff::default();
+        let mut pending = self.reclaim.pending();
+        while !self.poll() {
+            // Each poll collects a bounded number of crossbeam's batches:
+            // while they keep completing (a backlog left by a vCPU that was
+            // parked in a device), go on at full speed.
+            let now = self.reclaim.pending();
+            if now < pending {
+                backoff = Backoff::default();
+            } else {
+                backoff.snooze();
+            }
+            pending = now;
         }
         Ok(())
+    }
+}
+
+/// How an unplug wait spends the time between two reclamation attempts.
+#[derive(Default)]
+struct Backoff {
+    step: u32,
+}
+
+impl Backoff {
+    /// Rounds of spinning (2, 4, … 64 spin hints) before yielding.
+    const SPIN: u32 = 6;
+    /// Rounds of yielding before sleeping.
+    #[cfg(feature = "std")]
+    const YIELD: u32 = Self::SPIN + 10;
+    /// Longest sleep, in microseconds.
+    #[cfg(feature = "std")]
+    const MAX_SLEEP_US: u64 = 1000;
+
+    fn snooze(&mut self) {
+        let step = self.step;
+        self.step = step.saturating_add(1);
+        if step < Self::SPIN {
+            for _ in 0..2u32 << step {
+                core::hint::spin_loop();
+            }
+            return;
+        }
+        #[cfg(feature = "std")]
+        {
+            if step < Self::YIELD {
+                std::thread::yield_now();
+            } else {
+                // 10 µs, doubling, capped.
+                let us = (10u64 << (step - Self::YIELD).min(10)).min(Self::MAX_SLEEP_US);
+                std::thread::sleep(core::time::Duration::from_micros(us));
+            }
+        }
+        #[cfg(not(feature = "std"))]
+        for _ in 0..1u32 << Self::SPIN {
+            core::hint::spin_loop();
+        }
     }
 }
 

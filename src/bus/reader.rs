@@ -1,11 +1,14 @@
 //! The read side: per-vCPU handles and the dispatch hot path.
 
+use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
 
+use crossbeam_epoch::{Guard, LocalHandle};
+
 use super::Inner;
-use super::grace::{Pinned, Reader};
-use super::search::LINEAR_MAX;
+use super::reclaim::Reclaim;
+use super::search::HINT_MIN;
 use super::table::Table;
 use crate::addr::{AddressSpace, Width};
 use crate::device::Access;
@@ -13,12 +16,42 @@ use crate::error::AccessError;
 
 /// A vCPU thread's view of an [`IoBus`](super::IoBus).
 ///
-/// Dispatching through it enters a read section (a store to this handle's
-/// own cache line, no fence), loads the table, searches it and calls the
-/// device inside the section. It never locks, retries or allocates.
+/// Dispatching through it pins the bus's epoch collector through this
+/// handle's own participant (one store to the handle's own cache line and a
+/// full fence), loads the table, searches it and calls the device while
+/// pinned. It never locks, retries or allocates. Every 128th pin, crossbeam
+/// also tries to advance the epoch and runs a few retired closures: each
+/// frees a table or queues devices for a writer to drop, so no device's
+/// destructor ever runs on the handle's thread from here.
+///
+/// # Not `Send`
+///
+/// The handle owns a crossbeam-epoch `LocalHandle`, whose bookkeeping
+/// (pin count, local garbage) is plain thread-local state that crossbeam
+/// declares `!Send`; vmio does not override that. Create each handle on the
+/// vCPU thread that will use it — clone the [`IoBus`](super::IoBus) (it is
+/// `Send + Sync`) into the thread:
+///
+/// ```
+/// # use vmio::{IoBus, Mmio, Width};
+/// let bus = IoBus::<Mmio>::new();
+/// let vcpus: Vec<_> = (0..2)
+///     .map(|id| {
+///         let bus = bus.clone();
+///         std::thread::spawn(move || {
+///             let mut vcpu = bus.handle(id); // created on its own thread
+///             vcpu.read(0x1000, Width::U32).is_err()
+///         })
+///     })
+///     .collect();
+/// for v in vcpus {
+///     assert!(v.join().unwrap());
+/// }
+/// ```
 pub struct VcpuHandle<S> {
     inner: Arc<Inner<S>>,
-    reader: Reader,
+    /// Boxed so its address, recorded for the unplug-wait check, is stable.
+    local: Box<LocalHandle>,
     vcpu: u32,
     /// Slot index of this vCPU's last hit. A guess, checked against the
     /// current table on use: a stale index simply misses (see [`hinted`]).
@@ -27,8 +60,10 @@ pub struct VcpuHandle<S> {
 
 impl<S: AddressSpace> VcpuHandle<S> {
     pub(super) fn new(inner: Arc<Inner<S>>, vcpu: u32) -> Self {
-        let reader = inner.domain.reader();
-        VcpuHandle { inner, reader, vcpu, hint: Hint::default() }
+        let local = Box::new(inner.reclaim.register());
+        #[cfg(feature = "std")]
+        owned::add(Arc::as_ptr(&inner.reclaim), &*local);
+        VcpuHandle { inner, local, vcpu, hint: Hint::default() }
     }
 
     /// The vCPU id passed to devices in [`Access::vcpu`].
@@ -44,8 +79,8 @@ impl<S: AddressSpace> VcpuHandle<S> {
     /// range, [`AccessError::Device`] when the device refuses it.
     #[inline]
     pub fn read(&mut self, addr: u64, width: Width) -> Result<u64, AccessError> {
-        let section = self.reader.pin();
-        dispatch_read(&self.inner, &section, addr, width, Some(self.vcpu), &mut self.hint)
+        let guard = self.local.pin();
+        dispatch_read(&self.inner, &guard, addr, width, Some(self.vcpu), &mut self.hint)
     }
 
     /// Dispatches a guest write of the low `width` bytes of `value` at `addr`.
@@ -54,8 +89,15 @@ impl<S: AddressSpace> VcpuHandle<S> {
     /// As for [`Self::read`].
     #[inline]
     pub fn write(&mut self, addr: u64, width: Width, value: u64) -> Result<(), AccessError> {
-        let section = self.reader.pin();
-        dispatch_write(&self.inner, &section, addr, width, value, Some(self.vcpu), &mut self.hint)
+        let guard = self.local.pin();
+        dispatch_write(&self.inner, &guard, addr, width, value, Some(self.vcpu), &mut self.hint)
+    }
+}
+
+impl<S> Drop for VcpuHandle<S> {
+    fn drop(&mut self) {
+        #[cfg(feature = "std")]
+        owned::remove(&*self.local);
     }
 }
 
@@ -75,18 +117,20 @@ impl Hint {
     const TRUST: u8 = 2;
 }
 
-/// The slot holding `addr`, trying `hint` first when it has been right.
+/// The slot that may hold `addr` — the one with the last start at or below
+/// it — trying `hint` first when it has been right. The caller checks the
+/// slot's end.
 ///
-/// Small tables skip the hint: their branch-free count costs about what
-/// checking and maintaining the hint does, and never mispredicts.
+/// Small tables skip the hint: their search costs about what checking and
+/// maintaining the hint does, and never mispredicts.
 ///
 /// Checking the hint's range against the table being searched is the whole
 /// validation: ranges never overlap, so a slot that contains `addr` is the
 /// right one, whichever table generation the hint came from.
 #[inline(always)]
-fn hinted(table: &Table, hint: &mut Hint, addr: u64) -> Option<usize> {
-    if table.starts.len() <= LINEAR_MAX {
-        return table.find(addr);
+fn candidate(table: &Table, hint: &mut Hint, addr: u64) -> Option<usize> {
+    if table.starts.len() <= HINT_MIN {
+        return super::search::last_start_at_or_below(&table.starts, addr);
     }
     if hint.streak >= Hint::TRUST {
         let h = hint.slot;
@@ -97,7 +141,7 @@ fn hinted(table: &Table, hint: &mut Hint, addr: u64) -> Option<usize> {
             return Some(h);
         }
     }
-    let i = table.find(addr)?;
+    let i = super::search::last_start_at_or_below(&table.starts, addr)?;
     hint.streak = if i == hint.slot { hint.streak.saturating_add(1) } else { 0 };
     hint.slot = i;
     Some(i)
@@ -111,46 +155,52 @@ fn route(
     addr: u64,
     width: Width,
 ) -> Result<(usize, Access), AccessError> {
-    let i = hinted(table, hint, addr).ok_or(AccessError::Unmapped { addr })?;
-    let slot = &table.slots[i];
-    // Overflow means the access runs past the top of the space, which no
-    // range can contain.
+    let i = candidate(table, hint, addr).ok_or(AccessError::Unmapped { addr })?;
+    // SAFETY: `candidate` returns an index into `starts` (a search result,
+    // or a hint it checked with `get`), and `slots` has the same length.
+    let (start, slot) = unsafe { (*table.starts.get_unchecked(i), table.slots.get_unchecked(i)) };
+    // One compare decides the common case: the whole access fits. Overflow
+    // means the access runs past the top of the space, which no range can
+    // contain.
     match addr.checked_add(width.bytes() - 1) {
-        Some(end) if end <= slot.last => {}
-        _ => return Err(AccessError::Straddles { addr, width: width.bytes(), device: slot.id }),
+        Some(end) if end <= slot.last => {
+            Ok((i, Access { offset: addr - start, addr, width, vcpu: None }))
+        }
+        _ if addr > slot.last => Err(AccessError::Unmapped { addr }),
+        _ => Err(AccessError::Straddles { addr, width: width.bytes(), device: slot.id }),
     }
-    Ok((i, Access { offset: addr - table.starts[i], addr, width, vcpu: None }))
 }
 
-/// The published table, valid for as long as `section` is open.
+/// The published table, valid for as long as `guard` is pinned.
 #[inline(always)]
-pub(super) fn load<'s, S>(inner: &'s Inner<S>, section: &'s Pinned<'_>) -> &'s Table {
-    let _ = section;
+pub(super) fn load<'g, S>(inner: &Inner<S>, guard: &'g Guard) -> &'g Table {
     // Acquire pairs with the writer's Release swap: the table behind the
     // pointer is fully built.
-    let table = inner.table.load(Ordering::Acquire);
+    let table = inner.table.load(Ordering::Acquire, guard);
     // SAFETY: the pointer is never null (a table is published at
-    // construction), and a table is freed only after every read section
-    // open when it was unlinked has closed; `section` outlives the borrow.
-    unsafe { &*table }
+    // construction), and a table is freed only by a closure deferred to
+    // this bus's collector after it was unlinked, which the collector runs
+    // only once every participant pinned before the defer has unpinned;
+    // `guard` is such a pin and outlives the borrow.
+    unsafe { table.deref() }
 }
 
 #[inline(always)]
 pub(super) fn dispatch_read<S>(
     inner: &Inner<S>,
-    section: &Pinned<'_>,
+    guard: &Guard,
     addr: u64,
     width: Width,
     vcpu: Option<u32>,
     hint: &mut Hint,
 ) -> Result<u64, AccessError> {
-    let table = load(inner, section);
+    let table = load(inner, guard);
     let (i, access) = route(table, hint, addr, width)?;
-    let slot = &table.slots[i];
-    let _depth = DispatchDepth::enter();
-    // SAFETY: the registry's `Arc` for this device is released only by the
-    // retired destructor of a table that no longer names it, which runs
-    // after `section` closes.
+    // SAFETY: `route` returns an index into the table.
+    let slot = unsafe { table.slots.get_unchecked(i) };
+    // SAFETY: the registry's `Arc` for this device is released only after
+    // the collector has run the retirement of a table that no longer names
+    // it, which waits for `guard` to unpin.
     let device = unsafe { &*slot.device };
     device
         .read(Access { vcpu, ..access })
@@ -161,17 +211,17 @@ pub(super) fn dispatch_read<S>(
 #[inline(always)]
 pub(super) fn dispatch_write<S>(
     inner: &Inner<S>,
-    section: &Pinned<'_>,
+    guard: &Guard,
     addr: u64,
     width: Width,
     value: u64,
     vcpu: Option<u32>,
     hint: &mut Hint,
 ) -> Result<(), AccessError> {
-    let table = load(inner, section);
+    let table = load(inner, guard);
     let (i, access) = route(table, hint, addr, width)?;
-    let slot = &table.slots[i];
-    let _depth = DispatchDepth::enter();
+    // SAFETY: `route` returns an index into the table.
+    let slot = unsafe { table.slots.get_unchecked(i) };
     // SAFETY: as in `dispatch_read`.
     let device = unsafe { &*slot.device };
     device
@@ -179,99 +229,63 @@ pub(super) fn dispatch_write<S>(
         .map_err(|error| AccessError::Device { device: slot.id, error })
 }
 
-/// Marks the current thread as inside a device call, so an unplug wait from
-/// device code fails fast instead of waiting on its own pin.
-struct DispatchDepth;
-
-#[cfg(feature = "std")]
-std::thread_local! {
-    static DEPTH: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
-}
-
-impl DispatchDepth {
-    #[inline(always)]
-    fn enter() -> Self {
-        #[cfg(feature = "std")]
-        DEPTH.with(|d| d.set(d.get() + 1));
-        DispatchDepth
+/// Whether this thread is inside a device call of `bus`, i.e. holds a pin
+/// of its collector through one of the participants it owns: its vCPU
+/// handles (a handle is `!Send`, so it lives on the thread that created it)
+/// and its cached participant for the handle-free paths. vmio pins around
+/// device calls only, so a pin seen from device code is an open dispatch of
+/// that bus somewhere below on the stack. Always false without `std` (no
+/// thread-local storage to ask).
+pub(super) fn inside_dispatch_of(bus: &Arc<Reclaim>) -> bool {
+    #[cfg(feature = "std")]
+    return owned::pinned(Arc::as_ptr(bus)) || bus.cached_is_pinned();
+    #[cfg(not(feature = "std"))]
+    {
+        let _ = bus;
+        false
     }
 }
 
-impl Drop for DispatchDepth {
-    #[inline(always)]
-    fn drop(&mut self) {
-        #[cfg(feature = "std")]
-        DEPTH.with(|d| d.set(d.get() - 1));
-    }
-}
-
-/// Whether this thread is inside a device call of any bus. Always false
-/// without `std` (no thread-local storage to ask).
-pub(super) fn inside_dispatch() -> bool {
-    #[cfg(feature = "std")]
-    return DEPTH.with(|d| d.get() > 0);
-    #[cfg(not(feature = "std"))]
-    false
-}
-
-/// Runs `f` with a reader of `inner`'s domain: this thread's cached one
-/// under `std`, a fresh registration without.
-pub(super) fn with_reader<S: AddressSpace, R>(
-    inner: &Arc<Inner<S>>,
-    f: impl FnOnce(&Reader) -> R,
-) -> R {
-    #[cfg(feature = "std")]
-    return cached::with_reader(inner, f);
-    #[cfg(not(feature = "std"))]
-    f(&inner.domain.reader())
-}
-
 #[cfg(feature = "std")]
-mod cached {
-    //! Per-thread readers for the handle-free `IoBus::read`/`write`.
+mod owned {
+    //! The vCPU handles' participants that live on this thread.
 
-    use alloc::rc::Rc;
-    use alloc::sync::{Arc, Weak};
     use alloc::vec::Vec;
-    use core::any::Any;
     use core::cell::RefCell;
+    use core::ptr;
 
-    use super::{Inner, Reader};
-    use crate::addr::AddressSpace;
+    use crossbeam_epoch::LocalHandle;
 
-    /// A bus (by its `Weak`, which pins the allocation so the address is not
-    /// reused, and tells when the bus is gone) and this thread's reader of it.
-    type Entry = (Weak<dyn Any + Send + Sync>, Rc<Reader>);
+    use super::Reclaim;
 
     std::thread_local! {
-        /// One reader per bus this thread has dispatched on.
-        static READERS: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
+        /// Each of this thread's vCPU handles: its bus's domain and its
+        /// participant (boxed in the handle, so the address is stable).
+        static OWNED: RefCell<Vec<(*const Reclaim, *const LocalHandle)>> =
+            const { RefCell::new(Vec::new()) };
     }
 
-    pub(super) fn with_reader<S: AddressSpace, R>(
-        inner: &Arc<Inner<S>>,
-        f: impl FnOnce(&Reader) -> R,
-    ) -> R {
-        let me = Arc::as_ptr(inner).cast::<()>();
-        let reader = READERS.with(|r| {
-            if let Some(reader) = find(&r.borrow(), me) {
-                return reader;
-            }
-            let mut r = r.borrow_mut();
-            r.retain(|(bus, _)| bus.strong_count() > 0);
-            let weak: Weak<dyn Any + Send + Sync> = Arc::downgrade(inner) as _;
-            r.push((weak, Rc::new(inner.domain.reader())));
-            find(&r, me).expect("reader was just added")
-        });
-        // The borrow is released before `f` runs, so a device may dispatch
-        // on another (or the same) bus from inside `f`.
-        f(&reader)
+    pub(super) fn add(bus: *const Reclaim, local: *const LocalHandle) {
+        // Without thread-local storage (a handle made in a thread-local
+        // destructor) the handle still works; only the wait check misses it.
+        let _ = OWNED.try_with(|o| o.borrow_mut().push((bus, local)));
     }
 
-    fn find(r: &[Entry], me: *const ()) -> Option<Rc<Reader>> {
-        r.iter()
-            .find(|(bus, _)| bus.as_ptr().cast::<()>() == me)
-            .map(|(_, reader)| Rc::clone(reader))
+    pub(super) fn remove(local: *const LocalHandle) {
+        let _ = OWNED.try_with(|o| o.borrow_mut().retain(|&(_, l)| !ptr::eq(l, local)));
+    }
+
+    pub(super) fn pinned(bus: *const Reclaim) -> bool {
+        OWNED
+            .try_with(|o| {
+                o.borrow().iter().any(|&(b, local)| {
+                    // SAFETY: an entry is removed by its handle's `Drop`
+                    // before the boxed participant is freed, and handles
+                    // never leave this thread, so the pointer is valid.
+                    ptr::eq(b, bus) && unsafe { (*local).is_pinned() }
+                })
+            })
+            .unwrap_or(false)
     }
 }
 
@@ -283,9 +297,8 @@ impl<S: AddressSpace> super::IoBus<S> {
     /// # Errors
     /// As for [`VcpuHandle::read`].
     pub fn read(&self, addr: u64, width: Width) -> Result<u64, AccessError> {
-        with_reader(&self.inner, |r| {
-            dispatch_read(&self.inner, &r.pin(), addr, width, None, &mut Hint::default())
-        })
+        let guard = self.inner.reclaim.pin();
+        dispatch_read(&self.inner, &guard, addr, width, None, &mut Hint::default())
     }
 
     /// Dispatches a write without a [`VcpuHandle`]; see [`Self::read`].
@@ -293,9 +306,8 @@ impl<S: AddressSpace> super::IoBus<S> {
     /// # Errors
     /// As for [`VcpuHandle::write`].
     pub fn write(&self, addr: u64, width: Width, value: u64) -> Result<(), AccessError> {
-        with_reader(&self.inner, |r| {
-            dispatch_write(&self.inner, &r.pin(), addr, width, value, None, &mut Hint::default())
-        })
+        let guard = self.inner.reclaim.pin();
+        dispatch_write(&self.inner, &guard, addr, width, value, None, &mut Hint::default())
     }
 }
 
@@ -331,7 +343,7 @@ mod tests {
         bus.register(r(0x3000), Arc::new(Tag(3))).unwrap();
         // Above every address below, so the indices the test names hold;
         // enough of them that the table is large enough to use the hint.
-        for k in 0..=super::LINEAR_MAX as u64 {
+        for k in 0..=super::HINT_MIN as u64 {
             bus.register(r(0x10_0000 + k * 0x1000), Arc::new(Tag(100))).unwrap();
         }
         let mut h = bus.handle(0);

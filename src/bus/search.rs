@@ -12,8 +12,15 @@
 //! The benchmark that chose these (and the variants that lost) is
 //! `benches/dispatch.rs`; see the `docs::performance` module.
 
-/// Largest table searched by counting rather than bisecting.
-pub(crate) const LINEAR_MAX: usize = 16;
+/// Largest table searched by counting rather than bisecting. Counting is
+/// a little faster up to 16 starts (no dependent loads) but costs an
+/// instruction per start; with the epoch pin's fence serializing each
+/// dispatch anyway, bisecting from 5 starts up keeps both low.
+pub(crate) const LINEAR_MAX: usize = 4;
+
+/// Largest table whose lookups skip the per-vCPU hint: below this, checking
+/// and maintaining the hint costs about what the search does.
+pub(crate) const HINT_MIN: usize = 16;
 
 /// Index of the last element of the strictly increasing `starts` that is
 /// `<= addr`, or `None` when every start is above `addr`.

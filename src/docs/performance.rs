@@ -5,42 +5,38 @@
 //!
 //! | operation | progress | what it does |
 //! |---|---|---|
-//! | [`VcpuHandle::read`]/[`write`](crate::VcpuHandle::write) | wait-free, apart from the device's own code | mark the handle active (a plain store to its own cache line), load the table, try the last-hit slot, else search, call the device, mark it idle (a `Release` store) |
-//! | [`IoBus::read`]/[`write`](crate::IoBus::write) (`std`) | wait-free after a thread's first call | as above, through a reader cached in thread-local storage; the first call on a thread registers one (an allocation and the domain's registry lock) |
-//! | [`IoBus::lookup`], [`range`](crate::IoBus::range), [`devices`](crate::IoBus::devices), [`len`](crate::IoBus::len), [`generation`](crate::IoBus::generation) | wait-free after a thread's first call (`devices` allocates its result) | read the current table the same way |
+//! | [`VcpuHandle::read`]/[`write`](crate::VcpuHandle::write) | lock-free with no retry loop, apart from the device's own code | pin the handle's own crossbeam-epoch participant (a store to its cache line and a full fence), load the table, try the last-hit slot, else search, call the device, unpin (a `Release` store); every 128th pin, crossbeam's collection step (see below) |
+//! | [`IoBus::read`]/[`write`](crate::IoBus::write) (`std`) | as above after a thread's first call | through a participant cached in thread-local storage; the first call on a thread registers one (an allocation) |
+//! | [`IoBus::lookup`], [`range`](crate::IoBus::range), [`devices`](crate::IoBus::devices), [`len`](crate::IoBus::len), [`generation`](crate::IoBus::generation) | as above (`devices` allocates its result; without `std` each call registers a fresh participant) | read the current table the same way |
 //! | [`IoBus::device`] | blocking | reads the registry under the writer lock |
-//! | [`register`](crate::IoBus::register), [`unregister`](crate::IoBus::unregister), [`remap`](crate::IoBus::remap), [`transaction`](crate::IoBus::transaction) | blocking (one writer lock, never held while device code runs) | copy the table, edit, validate, publish once, retire the old table, reclaim what is due; never waits for readers |
-//! | [`Unplug::wait`] | blocking | until every dispatch that was in progress at the unplug has returned |
-//! | [`Unplug::poll`], [`is_complete`](crate::Unplug::is_complete) | non-blocking (`poll` takes the domain's short internal locks) | |
-//! | [`IoBus::handle`](crate::IoBus::handle), dropping a handle | blocking (the domain's registry lock, briefly) | register or deregister the reader slot |
+//! | [`register`](crate::IoBus::register), [`unregister`](crate::IoBus::unregister), [`remap`](crate::IoBus::remap), [`transaction`](crate::IoBus::transaction) | blocking (one writer lock, never held while device code runs) | copy the table, edit, validate, publish once, defer the old table to the collector, flush and collect, then drop the devices whose grace period is over; never waits for readers |
+//! | [`Unplug::wait`] | blocking | until every dispatch that was in progress at the unplug has returned; backs off (spin, yield, sleep up to 1 ms) |
+//! | [`Unplug::poll`], [`is_complete`](crate::Unplug::is_complete) | lock-free | `poll` flushes and collects once |
+//! | [`IoBus::handle`](crate::IoBus::handle), dropping a handle | lock-free (crossbeam's participant list) | register or retire the participant |
 //!
 //! The dispatch path runs a bounded number of steps — at most `log2(n) + 1`
-//! probes of a table of `n` ranges — and never reclaims: retired tables and
-//! the bus's last references to unplugged devices are freed by unplug polls
-//! and waits, and by writers once eight retired tables have piled up, so no
-//! device's `Drop` runs on a vCPU thread in the middle of a dispatch.
+//! probes of a table of `n` ranges — and never runs a device destructor.
+//! Every 128th pin of a participant, crossbeam tries to advance the epoch
+//! (reading every participant of the bus's collector) and runs up to eight
+//! batches of retired closures; vmio's closures only free a table or push a
+//! pre-allocated node onto a lock-free list, and the bus's last references
+//! to unplugged devices are dropped by writers and unplug polls and waits.
 //!
-//! # Why readers need no fence
+//! # Why the fence stays
 //!
 //! A reader must announce itself before it loads the table pointer, or a
 //! reclaimer could miss it and free the table under it. Announcing is a
 //! store and the table load is a load: without a full fence between them the
 //! CPU may run the load first (the store-buffer reordering every
-//! architecture allows). A full fence per dispatch (`lock cmpxchg` on x86,
-//! as an epoch-based collector's pin does) costs a few nanoseconds and stops
-//! the CPU from overlapping one dispatch with the next: in this project's
-//! benchmark it was most of the gap to the unsynchronized floor (with
-//! crossbeam-epoch pinning: 3.1 × the floor at n = 8, 1.6 × at n = 64).
-//!
-//! vmio moves that fence to the rare side. Before it reads the readers'
-//! counters, a reclaimer calls `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`,
-//! which runs a full barrier on every CPU currently running a thread of the
-//! process; a CPU not running one has passed a context switch, which is a
-//! barrier too. Either a reader's announcement is visible after that, or its
-//! table load comes after the barrier and sees the new table. Readers keep a
-//! compiler fence only. Without `membarrier` (no `std`, another OS, an old
-//! kernel) both sides use a `SeqCst` fence instead; the choice is made once
-//! per process, before the first bus exists.
+//! architecture allows). crossbeam's pin pays that fence on every dispatch.
+//! An earlier version of vmio moved it to the reclaimer with
+//! `membarrier(2)`: a few nanoseconds faster per dispatch, but a vCPU parked
+//! in a device made every edit slow and let garbage grow without bound,
+//! unplug waits flooded the other CPUs with barrier interrupts, a sandbox
+//! that denied the system call broke publishing, and a panicking destructor
+//! stranded unplugs. A few nanoseconds against a KVM exit that costs
+//! microseconds does not pay for that. `tests/bus_store_buffer.rs` races
+//! readers against a writer that reclaims at once (run in release by CI).
 //!
 //! # Ballpark costs
 //!
@@ -50,13 +46,10 @@
 //!
 //! | operation | cost | backed by |
 //! |---|---|---|
-//! | dispatch through a `VcpuHandle`, uniform addresses, n = 1 … 4096 | ≈ 4–18 ns (floor: 3–15 ns) | `dispatch/uniform-1t/vmio` |
-//! | the same through `IoBus::read` | ≈ 3–7 ns more (thread-local lookup, no hint) | `dispatch/uniform-1t/vmio_std` |
-//! | dispatch to a device the vCPU keeps hitting (hot pattern) | ≈ 5–7 ns at any n: the search is skipped | `dispatch/hot-1t/vmio` |
-//! | register or unregister, n = 64 | ≈ 1 µs | `dispatch/writer/vmio/register/64` |
-//! | register or unregister, n = 4096 | ≈ 4 µs | `dispatch/writer/vmio/register/4096` |
-//! | transaction of 100 registers, n = 4096 | ≈ 11 µs, one publish | `dispatch/writer/vmio/batch100/4096` |
-//! | instructions per dispatch, n = 64 (floor: 100) | ≈ 160 | `dispatch_instructions` (`vcpu_handle.n64`) |
+//! | dispatch through a `VcpuHandle`, uniform addresses, n = 8 … 4096 | see the README's table (the floor: same search, no synchronization) | `dispatch/uniform-1t/vmio` |
+//! | the same through `IoBus::read` | a thread-local lookup more, no hint | `dispatch/uniform-1t/vmio_std` |
+//! | instructions per dispatch, n = 8 / 64 / 4096 | ≈ 112 / 145 / 199 (floor at 64: 100; naive crossbeam-epoch + `binary_search`: 123 / 156 / 222) | `dispatch_instructions` (`vcpu_handle.*`, `naive_epoch.*`) |
+//! | register + unregister, n = 64 | ≈ 11,600 instructions | `dispatch_instructions` (`register_unregister.n64`) |
 //!
 //! Where the time goes, from the cheapest table up:
 //!
@@ -71,16 +64,21 @@
 //!   that keeps hitting one device pays two compares instead of a search; a
 //!   vCPU that scatters rarely pays for a wrong guess. Small tables skip it:
 //!   counting 16 starts costs about what keeping the hint does.
-//! * **The rest of a dispatch** over the floor's: the section counter, the
-//!   hint check, the dispatch-depth marker that lets an unplug wait detect a
-//!   call from device code, and the richer `Result` (the error names the
-//!   address and the device) — about 65 instructions at n = 64.
+//! * **The rest of a dispatch** over the floor's: crossbeam's pin and unpin
+//!   (counters, the epoch store and the fence), the hint check above 16
+//!   ranges, and the richer `Result` (the error names the address and the
+//!   device). The access's end is checked once against the candidate
+//!   slot; only a miss looks again to tell an unmapped address from one
+//!   that straddles a range's end.
 //! * **Writers** copy the whole table (8 bytes of start and a 32-byte slot
 //!   per range) and allocate the new one: linear in `n`, never waiting for
-//!   vCPUs. Every eighth publish also reclaims, with one `membarrier` call:
-//!   it interrupts each CPU running a vCPU for a moment, which is why it is
-//!   batched (readers beside a 10,000 edits/s writer kept 87 % of their rate
-//!   at n = 64 reclaiming on every publish, 95 % batched).
+//!   vCPUs. Each edit defers one closure and flushes it to the collector
+//!   (so any thread's unplug wait can complete it), then collects. While
+//!   more than 16 retirements are in flight (a vCPU parked in a device),
+//!   writers hold new ones back and defer them 64 at a time, so a stuck
+//!   vCPU pins a table and about 100 bytes per edit, not also one of
+//!   crossbeam's 2 KiB batches; edits stay at full speed
+//!   (`tests/bus_reclaim.rs`).
 //!
 //! # Regression checks
 //!
