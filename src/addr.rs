@@ -11,8 +11,6 @@ use core::marker::PhantomData;
 
 use memory_addr::{AddrRange, MemoryAddr};
 
-use crate::error::{RangeError, WidthError};
-
 /// One kind of guest address space: what its addresses are and where it ends.
 pub trait AddressSpace: Send + Sync + 'static {
     /// Name used in diagnostics (`"mmio"`, `"pio"`, `"sysreg"`).
@@ -42,18 +40,6 @@ impl AddressSpace for Pio {
 impl AddressSpace for SysReg {
     const NAME: &'static str = "sysreg";
     const LAST: u64 = u32::MAX as u64;
-}
-
-memory_addr::def_usize_addr! {
-    /// A guest-physical address, the same shape as the ArceOS ecosystem's
-    /// address types: any `AddrRange` of it converts into an MMIO [`IoRange`].
-    pub type GuestPhysAddr;
-}
-
-impl fmt::Debug for GuestPhysAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GPA({:#x})", self.as_usize())
-    }
 }
 
 /// The size of one access: 1, 2, 4 or 8 bytes.
@@ -225,7 +211,8 @@ impl<S: AddressSpace> fmt::Display for IoRange<S> {
 impl<A: MemoryAddr> TryFrom<AddrRange<A>> for IoRange<Mmio> {
     type Error = RangeError;
 
-    /// Converts a half-open memory_addr range (`start..end`).
+    /// Converts a half-open memory_addr range (`start..end`), for instance
+    /// an `AddrRange` of the ArceOS ecosystem's guest-physical address type.
     fn try_from(range: AddrRange<A>) -> Result<Self, RangeError> {
         let start = range.start.into() as u64;
         let end = range.end.into() as u64;
@@ -252,6 +239,60 @@ impl<S: AddressSpace> TryFrom<core::ops::RangeInclusive<u64>> for IoRange<S> {
         IoRange::inclusive(*range.start(), *range.end())
     }
 }
+
+/// An access width that is not 1, 2, 4 or 8 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WidthError(pub u64);
+
+impl fmt::Display for WidthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid access width {} (must be 1, 2, 4 or 8 bytes)", self.0)
+    }
+}
+impl core::error::Error for WidthError {}
+
+/// A range that cannot exist in its address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RangeError {
+    /// The range has zero length.
+    Empty {
+        /// Where it would have started.
+        start: u64,
+    },
+    /// The range runs past the top address of its space.
+    Wraps {
+        /// First address.
+        start: u64,
+        /// Requested length.
+        len: u64,
+        /// The top address of the space.
+        top: u64,
+    },
+    /// An inclusive range whose last address lies before its start.
+    Inverted {
+        /// First address.
+        start: u64,
+        /// Last address.
+        last: u64,
+    },
+}
+
+impl fmt::Display for RangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            RangeError::Empty { start } => write!(f, "zero-length range at {start:#x}"),
+            RangeError::Wraps { start, len, top } => write!(
+                f,
+                "range of {len:#x} bytes at {start:#x} runs past the top of the space ({top:#x})"
+            ),
+            RangeError::Inverted { start, last } => {
+                write!(f, "range end {last:#x} lies before its start {start:#x}")
+            }
+        }
+    }
+}
+impl core::error::Error for RangeError {}
 
 #[cfg(test)]
 mod tests {
@@ -295,8 +336,8 @@ mod tests {
 
     #[test]
     fn addr_range_converts() {
-        let r: AddrRange<GuestPhysAddr> =
-            AddrRange::from_start_size(GuestPhysAddr::from_usize(0x9000_0000), 0x200);
+        let r: AddrRange<memory_addr::PhysAddr> =
+            AddrRange::from_start_size(memory_addr::PhysAddr::from_usize(0x9000_0000), 0x200);
         let io = IoRange::<Mmio>::try_from(r).unwrap();
         assert_eq!((io.start(), io.last()), (0x9000_0000, 0x9000_01ff));
         let empty: AddrRange<usize> = AddrRange::new(0x10, 0x10);

@@ -130,3 +130,25 @@ impl<D: DeviceMut> Device for Locked<D> {
         self.0.lock().write(access, value)
     }
 }
+/// Identifies a device registration. Ids are never reused within a bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceId(pub(crate) u64);
+
+impl DeviceId {
+    /// The raw id.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The id whose raw value is `raw` (as returned by [`Self::get`]), for
+    /// VMMs that keep ids in their own tables.
+    pub const fn from_raw(raw: u64) -> Self {
+        DeviceId(raw)
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}

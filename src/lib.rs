@@ -48,6 +48,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 #![warn(
     clippy::std_instead_of_core,
@@ -67,11 +68,11 @@ mod config;
 mod device;
 mod devices;
 pub mod docs;
-mod error;
 mod irq;
 mod manager;
-pub mod sync;
+mod sync;
 #[cfg(any(test, feature = "testing"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 pub mod virtio;
 
@@ -80,15 +81,14 @@ pub mod virtio;
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-pub use addr::{AddressSpace, GuestPhysAddr, IoRange, Mmio, Pio, SysReg, Width};
-pub use bus::{Committed, DeviceId, Edit, IoBus, Unplug, VcpuHandle};
+pub use addr::{AddressSpace, IoRange, Mmio, Pio, RangeError, SysReg, Width, WidthError};
+pub use bus::{AccessError, BusError, Committed, Edit, IoBus, Unplug, VcpuHandle, WaitError};
 pub use config::{ConfigError, ConfigErrorKind, DeviceConfig, ParamValue, Space, VmDeviceConfig};
-pub use device::{Access, Device, DeviceError, DeviceMut, Locked};
+pub use device::{Access, Device, DeviceError, DeviceId, DeviceMut, Locked};
 pub use devices::{
     BuildEnv, Built, ConsoleSink, Constructor, DeviceKinds, MAX_RAM_DISK, RX_CAPACITY, Reserved,
     Uart16550, UartOutput, VirtioBlkMmio,
 };
-pub use error::{AccessError, BusError, RangeError, WaitError, WidthError};
 pub use irq::{InterruptController, IrqLine, RecordingController};
 pub use manager::{
     DeviceInfo, DeviceManager, DeviceManagerBuilder, DispatchError, LogLevel, ManagerError,

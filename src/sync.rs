@@ -23,20 +23,6 @@ mod imp {
         pub fn lock(&self) -> MutexGuard<'_, T> {
             self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
         }
-
-        /// Locks if free.
-        pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
-            match self.0.try_lock() {
-                Ok(g) => Some(g),
-                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => None,
-            }
-        }
-
-        /// The value, for an exclusively borrowed mutex.
-        pub fn get_mut(&mut self) -> &mut T {
-            self.0.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner)
-        }
     }
 }
 
@@ -82,18 +68,13 @@ mod imp {
         }
 
         /// Locks if free.
-        pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
             // Acquire pairs with the Release in `MutexGuard::drop`: the
             // previous holder's writes to `value` are visible to us.
             self.locked
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .ok()
                 .map(|_| MutexGuard(self))
-        }
-
-        /// The value, for an exclusively borrowed mutex.
-        pub fn get_mut(&mut self) -> &mut T {
-            self.value.get_mut()
         }
     }
 
@@ -119,4 +100,4 @@ mod imp {
     }
 }
 
-pub use imp::{Mutex, MutexGuard};
+pub use imp::Mutex;

@@ -21,6 +21,7 @@
 //! held retirements (taken on its own by unplug polls and waits). Device
 //! code never runs under either.
 
+mod error;
 mod reader;
 mod reclaim;
 pub(crate) mod search;
@@ -35,37 +36,14 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crossbeam_epoch::{Atomic, Owned};
 
+pub use error::{AccessError, BusError, WaitError};
 pub use reader::VcpuHandle;
 use reclaim::Reclaim;
 use table::{Draft, Slot, Table};
 
 use crate::addr::{AddressSpace, IoRange};
-use crate::device::Device;
-use crate::error::{BusError, WaitError};
+use crate::device::{Device, DeviceId};
 use crate::sync::Mutex;
-
-/// Identifies a device registration. Ids are never reused within a bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DeviceId(pub(crate) u64);
-
-impl DeviceId {
-    /// The raw id.
-    pub const fn get(self) -> u64 {
-        self.0
-    }
-
-    /// The id whose raw value is `raw` (as returned by [`Self::get`]), for
-    /// VMMs that keep ids in their own tables.
-    pub const fn from_raw(raw: u64) -> Self {
-        DeviceId(raw)
-    }
-}
-
-impl fmt::Display for DeviceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{}", self.0)
-    }
-}
 
 /// One edit of a [`IoBus::transaction`].
 pub enum Edit<S> {

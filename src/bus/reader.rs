@@ -7,12 +7,12 @@ use core::sync::atomic::Ordering;
 use crossbeam_epoch::{Guard, LocalHandle};
 
 use super::Inner;
+use super::error::AccessError;
 use super::reclaim::Reclaim;
 use super::search::HINT_MIN;
 use super::table::Table;
 use crate::addr::{AddressSpace, Width};
 use crate::device::Access;
-use crate::error::AccessError;
 
 /// A vCPU thread's view of an [`IoBus`](super::IoBus).
 ///
@@ -290,6 +290,7 @@ mod owned {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl<S: AddressSpace> super::IoBus<S> {
     /// Dispatches a read without a [`VcpuHandle`], through a per-thread
     /// handle kept in thread-local storage (a little slower; `vcpu` is `None`).
@@ -317,9 +318,9 @@ mod tests {
 
     use super::Hint;
     use crate::addr::{IoRange, Mmio, Width};
+    use crate::bus::AccessError;
     use crate::bus::IoBus;
     use crate::device::{Access, Device, DeviceError};
-    use crate::error::AccessError;
 
     /// Answers its tag, so a test sees which device a dispatch reached.
     struct Tag(u64);

@@ -7,9 +7,8 @@
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
-use super::DeviceId;
-use crate::device::Device;
-use crate::error::BusError;
+use super::error::BusError;
+use crate::device::{Device, DeviceId};
 
 /// Everything the hot path needs about one range once the search has hit it.
 #[derive(Clone, Copy)]

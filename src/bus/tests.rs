@@ -3,9 +3,9 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::*;
+use crate::addr::RangeError;
 use crate::addr::{Mmio, Pio, SysReg, Width};
 use crate::device::{Access, DeviceError, DeviceMut, Locked};
-use crate::error::{AccessError, RangeError};
 
 /// Answers `tag` in the high bits and the offset in the low bits, and
 /// remembers the last write.

@@ -42,8 +42,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::addr::{AddressSpace, Mmio, Pio, SysReg};
-use crate::error::RangeError;
+use crate::addr::{AddressSpace, Mmio, Pio, RangeError, SysReg};
 
 /// The address space a device lives in: which of the manager's buses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -373,6 +372,7 @@ impl VmDeviceConfig {
     /// [`ConfigError`] with device `"<toml>"` for a syntax error, otherwise
     /// naming the offending device and field.
     #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         toml_load::parse(text)
     }
@@ -389,6 +389,7 @@ impl VmDeviceConfig {
     /// an unreadable file is [`ConfigErrorKind::Io`], naming the path and
     /// the I/O error.
     #[cfg(all(feature = "config", feature = "std"))]
+    #[cfg_attr(docsrs, doc(cfg(all(feature = "config", feature = "std"))))]
     pub fn from_toml_file(path: impl AsRef<std::path::Path>) -> Result<Self, ConfigError> {
         use alloc::string::ToString;
 

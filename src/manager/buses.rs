@@ -6,11 +6,10 @@ use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use crate::addr::{AddressSpace, IoRange, Mmio, Pio, SysReg};
-use crate::bus::{DeviceId, Edit, IoBus, Unplug, VcpuHandle};
+use crate::addr::{AddressSpace, IoRange, Mmio, Pio, RangeError, SysReg};
+use crate::bus::{BusError, Edit, IoBus, Unplug, VcpuHandle};
 use crate::config::Space;
-use crate::device::Device;
-use crate::error::{BusError, RangeError};
+use crate::device::{Device, DeviceId};
 
 /// One bus per address space.
 #[derive(Default)]

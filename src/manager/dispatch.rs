@@ -12,9 +12,9 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use super::buses::{Handles, ManagedSpace};
 use crate::addr::{Mmio, Pio, SysReg, Width};
-use crate::bus::DeviceId;
+use crate::bus::AccessError;
 use crate::config::Space;
-use crate::error::AccessError;
+use crate::device::DeviceId;
 use crate::sync::Mutex;
 
 /// The level a [`MissPolicy::Log`] logs at: the `log` crate's, re-exported
@@ -219,6 +219,7 @@ impl Shared {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl super::DeviceManager {
     fn read<S: ManagedSpace>(&self, addr: u64, width: Width) -> Result<u64, DispatchError> {
         self.shared.read::<S>(self.buses.of::<S>().read(addr, width), width, None)

@@ -3,8 +3,8 @@
 use alloc::string::String;
 use core::fmt;
 
+use crate::bus::{BusError, WaitError};
 use crate::config::ConfigError;
-use crate::error::{BusError, WaitError};
 
 /// Why a manager operation failed. A failed operation changes nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -47,11 +47,10 @@ use dispatch::Shared;
 use placement::name_of;
 
 use crate::addr::{AddressSpace, IoRange, Mmio, Pio, SysReg};
-use crate::bus::{DeviceId, IoBus, Unplug};
+use crate::bus::{BusError, IoBus, Unplug};
 use crate::config::{ConfigErrorKind, DeviceConfig, Space, VmDeviceConfig};
-use crate::device::Device;
+use crate::device::{Device, DeviceId};
 use crate::devices::{BuildEnv, ConsoleSink, DeviceKinds};
-use crate::error::BusError;
 use crate::irq::{InterruptController, IrqLine};
 use crate::sync::Mutex;
 use crate::virtio::GuestMemory;

@@ -8,9 +8,9 @@ use alloc::vec::Vec;
 
 use super::buses::RegisterError;
 use super::{DeviceInfo, DeviceManager, Entry, ManagerError, Pending, Table};
-use crate::bus::DeviceId;
+use crate::bus::BusError;
 use crate::config::{ConfigError, ConfigErrorKind, DeviceConfig, Space};
-use crate::error::BusError;
+use crate::device::DeviceId;
 use crate::irq::IrqLine;
 
 impl DeviceManager {

@@ -1,68 +1,16 @@
-//! Error values of the bus: range construction, edits, accesses and waits.
+//! Why a bus edit, a dispatched access or an unplug wait failed.
 //!
 //! Nothing a guest does makes vmio panic; every failure is one of these.
 
 use core::fmt;
 
-use crate::bus::DeviceId;
-use crate::device::DeviceError;
-
-/// An access width that is not 1, 2, 4 or 8 bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WidthError(pub u64);
-
-impl fmt::Display for WidthError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid access width {} (must be 1, 2, 4 or 8 bytes)", self.0)
-    }
-}
-impl core::error::Error for WidthError {}
-
-/// A range that cannot exist in its address space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RangeError {
-    /// The range has zero length.
-    Empty {
-        /// Where it would have started.
-        start: u64,
-    },
-    /// The range runs past the top address of its space.
-    Wraps {
-        /// First address.
-        start: u64,
-        /// Requested length.
-        len: u64,
-        /// The top address of the space.
-        top: u64,
-    },
-    /// An inclusive range whose last address lies before its start.
-    Inverted {
-        /// First address.
-        start: u64,
-        /// Last address.
-        last: u64,
-    },
-}
-
-impl fmt::Display for RangeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            RangeError::Empty { start } => write!(f, "zero-length range at {start:#x}"),
-            RangeError::Wraps { start, len, top } => write!(
-                f,
-                "range of {len:#x} bytes at {start:#x} runs past the top of the space ({top:#x})"
-            ),
-            RangeError::Inverted { start, last } => {
-                write!(f, "range end {last:#x} lies before its start {start:#x}")
-            }
-        }
-    }
-}
-impl core::error::Error for RangeError {}
+use crate::addr::RangeError;
+use crate::device::{DeviceError, DeviceId};
 
 /// Why a bus edit (register, unregister, move, transaction) was refused.
 /// A refused edit changes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BusError {
     /// The requested range is invalid.
     Range(RangeError),
@@ -106,6 +54,7 @@ impl From<RangeError> for BusError {
 
 /// Why a dispatched access did not complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AccessError {
     /// No device owns `addr`.
     Unmapped {
@@ -145,6 +94,7 @@ impl core::error::Error for AccessError {}
 
 /// Why an unplug wait could not block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum WaitError {
     /// The calling thread is itself inside a dispatch: waiting would deadlock
     /// on its own dispatch. Finish the device call first, or call
