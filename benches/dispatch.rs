@@ -31,6 +31,10 @@
 
 extern crate alloc;
 
+#[path = "../tests/common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -94,20 +98,6 @@ impl vm_device::DeviceMmio for Trivial {
     fn mmio_write(&self, _: MmioAddress, _: MmioAddressOffset, _: &[u8]) {}
 }
 
-/// Small, fast, deterministic generator for the address streams.
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Clone, Copy)]
 enum Pattern {
     /// Every access picks a device uniformly at random.
@@ -128,7 +118,7 @@ impl Pattern {
     }
 
     fn stream(self, n: u64, seed: u64) -> Vec<u64> {
-        let mut rng = XorShift(0x2545_f491_4f6c_dd1d ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng = Rng::new(0x2545_f491_4f6c_dd1d ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let hot = n / 2;
         (0..(WINDOW * WINDOWS) as u64)
             .map(|k| {

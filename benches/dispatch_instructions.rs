@@ -14,6 +14,10 @@
 
 extern crate alloc;
 
+#[path = "../tests/common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::hint::black_box;
 use std::sync::Arc;
 
@@ -52,13 +56,8 @@ fn bus(n: u64) -> IoBus<Mmio> {
 
 /// `ACCESSES` addresses: uniformly random devices, or 95 % on one when `hot`.
 fn addrs(n: u64, hot: bool) -> Vec<u64> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
+    let mut next = move || rng.next();
     (0..ACCESSES)
         .map(|_| {
             let dev = if hot && next() % 100 < 95 { n / 2 } else { next() % n };

@@ -11,6 +11,10 @@
 //!
 //! The ratio `vcpu_io / bus` is the manager's overhead on the hot path.
 
+#[path = "../tests/common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,12 +53,10 @@ fn manager() -> DeviceManager {
 }
 
 fn stream(shift: u64) -> Vec<u64> {
-    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     (0..STREAM)
         .map(|_| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
+            let rng = rng.next();
             shift + BASE + (rng >> 8) % DEVICES * SLOT + (rng >> 40) % (SLOT / 8) * 8
         })
         .collect()

@@ -39,6 +39,9 @@
 //! Run:
 //! `cargo bench --bench virtio_blk -- --warm-up-time 1 --measurement-time 3`
 
+#[path = "../tests/common/rng.rs"]
+mod rng;
+use rng::Rng;
 #[path = "../tests/common/virtio_drivers_glue.rs"]
 mod glue;
 
@@ -169,15 +172,12 @@ impl Slot {
 struct Worker {
     queue: BlkQueue,
     slots: Vec<Slot>,
-    rng: u64,
+    rng: Rng,
 }
 
 impl Worker {
     fn next_sector(&mut self) -> u64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let r = self.rng.next();
         (r % (DISK / BLOCK as u64)) * (BLOCK as u64 / 512)
     }
 
@@ -245,7 +245,7 @@ impl Rig {
                 let mut w = Worker {
                     queue: p.attach(),
                     slots: (0..MAX_BATCH).map(|_| Slot::new()).collect(),
-                    rng: 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1),
+                    rng: Rng::new(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1)),
                 };
                 for (kind, n, iters, cpu) in rx {
                     start.wait();
@@ -298,13 +298,8 @@ fn copy_floor(c: &mut Criterion) {
     // The disk's working set: a random 4 KiB block of a disk-sized buffer
     // copied out (what a read must do) or in (what a write must do).
     let mut disk = vec![0x3cu8; DISK as usize];
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next_block = move || {
-        rng ^= rng >> 12;
-        rng ^= rng << 25;
-        rng ^= rng >> 27;
-        (rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % (DISK / BLOCK as u64)) as usize * BLOCK
-    };
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut next_block = move || rng.below(DISK / BLOCK as u64) as usize * BLOCK;
     g.bench_function("read_random", |b| {
         b.iter(|| {
             let at = next_block();

@@ -19,6 +19,10 @@
 //! The run ends with an IOPS table and a verdict; the exit code is non-zero
 //! when any request failed or any byte differs.
 
+#[path = "../tests/common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -105,17 +109,6 @@ impl IrqLine for Line {
     }
 }
 
-/// xorshift64*.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 #[derive(Default)]
 struct VcpuReport {
     reads: u64,
@@ -155,7 +148,7 @@ fn vcpu(
         })
         .collect();
     let mut shadow = vec![0u8; sectors as usize * SECTOR];
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(index) + 1));
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ (u64::from(index) + 1));
     let mut report = VcpuReport::default();
     // Each slot of a batch works in its own stripe: no two requests of a
     // batch overlap, so the shadow is exact whatever order they complete in.
@@ -301,7 +294,7 @@ fn main() -> ExitCode {
     let plugger = {
         let (bus, stop, edits) = (bus.clone(), stop.clone(), edits.clone());
         thread::spawn(move || {
-            let mut rng = Rng(7);
+            let mut rng = Rng::new(7);
             let mut live = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let slot = rng.next() % SCRATCH_SLOTS;

@@ -18,6 +18,10 @@
 //! thread regularly removes one configured device by name and adds it back
 //! from its configuration.
 
+#[path = "../tests/common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -222,14 +226,12 @@ fn vcpu_loop(
         vm_unplugged: 0,
         vm_refused: 0,
     };
-    let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ (u64::from(vcpu) << 17 | 1);
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d ^ (u64::from(vcpu) << 17 | 1));
     let widths = [Width::U8, Width::U16, Width::U32, Width::U64];
     // Relaxed: `stop` is a plain flag; nothing is published through it.
     while !stop.load(Ordering::Relaxed) {
         for _ in 0..256 {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
+            let rng = rng.next();
             let width = widths[(rng & 3) as usize];
             let offset = (rng >> 8) % (SLOT / 8) * 8;
             let addr = BASE + (rng >> 24) % slots * SLOT + offset;
@@ -361,14 +363,12 @@ fn main() -> ExitCode {
 
         let start = Instant::now();
         let mut last_print = start;
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
         let run_for = Duration::from_secs_f64(opts.seconds);
         let mut tick = 0u64;
         let mut replugging: Option<(&DeviceConfig, Unplug)> = None;
         while start.elapsed() < run_for {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
+            let rng = rng.next();
             tick += 1;
             if !vm.configs.is_empty() && tick.is_multiple_of(256) {
                 // Unplug one configured device by name; once no vCPU can be

@@ -8,6 +8,10 @@
 //! its window meets the window of the dispatch (clock read before the
 //! dispatch ..= clock read inside the call).
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -120,20 +124,6 @@ impl Drop for Tracked {
 
 fn slot_range(slot: u64) -> IoRange<Mmio> {
     IoRange::new(BASE + slot * SLOT, SLOT).unwrap()
-}
-
-/// xorshift: deterministic per thread, no extra dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 struct Live {
@@ -321,7 +311,7 @@ fn hotplug_under_concurrent_dispatch_never_misroutes() {
         for vcpu in 0..3u32 {
             let (bus, stop, dispatches) = (&bus, &stop, &dispatches);
             s.spawn(move || {
-                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(vcpu + 1));
+                let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ u64::from(vcpu + 1));
                 let mut h = bus.handle(vcpu);
                 let mut n = 0u64;
                 while !stop.load(SeqCst) {
@@ -345,7 +335,7 @@ fn hotplug_under_concurrent_dispatch_never_misroutes() {
                 dispatches.fetch_add(n, SeqCst);
             });
         }
-        let mut rng = Rng(42);
+        let mut rng = Rng::new(42);
         let start = Instant::now();
         while start.elapsed() < duration {
             writer.step(&mut rng);

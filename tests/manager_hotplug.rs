@@ -4,6 +4,10 @@
 //! start it owns, never after its unplug completed) and nothing may be lost
 //! (every acknowledged write reached exactly one device).
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -87,12 +91,10 @@ fn add_move_remove_by_name_while_vcpus_dispatch() {
                 s.spawn(move || {
                     let mut io = m.vcpu(v);
                     let (mut acked, mut misrouted, mut n) = (0u64, 0u64, 0u64);
-                    let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(v + 1);
+                    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ u64::from(v + 1));
                     // Relaxed: a plain stop flag.
                     while !stop.load(Ordering::Relaxed) || n < 1000 {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
+                        let rng = rng.next();
                         let offset = (rng >> 8) % (SLOT / 8) * 8;
                         let addr = BASE + (rng >> 20) % SLOTS * SLOT + offset;
                         if rng & 1 == 0 {
@@ -118,12 +120,10 @@ fn add_move_remove_by_name_while_vcpus_dispatch() {
 
         // The hot-plug thread: this one.
         let mut occupant: Vec<Option<String>> = vec![None; SLOTS as usize];
-        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
         let mut serial = 0u64;
         for _ in 0..edits {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
+            let rng = rng.next();
             let slot = ((rng >> 8) % SLOTS) as usize;
             let start = BASE + slot as u64 * SLOT;
             match occupant[slot].clone() {

@@ -12,6 +12,10 @@
 //!   flushes over overlapping ranges; every read returns the last
 //!   acknowledged write.
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 #[path = "common/virtio_drivers_glue.rs"]
 mod glue;
 
@@ -208,20 +212,6 @@ struct Shadow {
     unknown: [bool; EXTENT],
 }
 
-/// xorshift64*.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[test]
 fn random_multi_queue_workload_matches_shadow() {
     const QUEUES: u16 = 4;
@@ -249,7 +239,7 @@ fn random_multi_queue_workload_matches_shadow() {
             let shadow = shadow.clone();
             std::thread::spawn(move || {
                 let mut q = q.attach();
-                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(q.index() + 1));
+                let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ u64::from(q.index() + 1));
                 let mut counts = [0usize; 5];
                 for op in 0..ops {
                     let n = 1 + rng.below(24) as usize;

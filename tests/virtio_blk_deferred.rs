@@ -21,6 +21,10 @@
 //!   workers are inside the backend at once, and every read matches a
 //!   shadow of the disk, as does the backend at the end.
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 #[path = "common/virtio_drivers_glue.rs"]
 mod glue;
 
@@ -91,25 +95,11 @@ fn events(n: u16) -> Vec<Arc<dyn QueueEvent>> {
     (0..n).map(|_| Arc::new(CondvarEvent::new()) as Arc<dyn QueueEvent>).collect()
 }
 
-/// xorshift64*.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Random writes with read-back, then the whole disk against a shadow.
 fn write_read_verify(driver: &mut VirtIOBlk<GuestHal, BusTransport>, rounds: usize) -> Vec<u8> {
     let sectors = driver.capacity() as usize;
     let mut shadow = vec![0u8; sectors * SECTOR_SIZE];
-    let mut rng = Rng(0xdef0_1234_5678_9abc);
+    let mut rng = Rng::new(0xdef0_1234_5678_9abc);
     for round in 0..rounds {
         let n = 1 + rng.below(16) as usize;
         let start = rng.below((sectors - n) as u64) as usize;
@@ -473,7 +463,7 @@ fn two_queues_served_by_two_workers_at_once_match_shadow() {
                 let mut q = q.attach();
                 let base = usize::from(q.index()) * half;
                 let mut shadow = vec![0u8; half * SECTOR_SIZE];
-                let mut rng = Rng(0x5eed ^ u64::from(q.index()));
+                let mut rng = Rng::new(0x5eed ^ u64::from(q.index()));
                 let mut first = vec![0u8; SECTOR_SIZE];
                 let (status, _) = q.request(T_IN, base as u64, &[], &mut first);
                 assert_eq!(status, S_OK, "queue {}: the two queues never ran at once", q.index());

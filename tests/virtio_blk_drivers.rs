@@ -4,6 +4,10 @@
 //! the device id. Every register access goes through an `IoBus` to the
 //! virtio-mmio transport; every buffer lives in guest RAM.
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 #[path = "common/virtio_drivers_glue.rs"]
 mod glue;
 
@@ -28,20 +32,6 @@ fn plug<B: BlockBackend + 'static>(backend: B, config: BlkConfig) -> IoBus<Mmio>
     bus
 }
 
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Writes `rounds` random extents through the driver, keeping a shadow, and
 /// verifies each read-back and finally the whole disk.
 fn write_read_verify(
@@ -51,7 +41,7 @@ fn write_read_verify(
 ) -> Vec<u8> {
     let sectors = driver.capacity() as usize;
     let mut shadow = vec![0u8; sectors * SECTOR_SIZE];
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     for round in 0..rounds {
         let n = 1 + rng.below(16) as usize;
         let start = rng.below((sectors - n) as u64) as usize;

@@ -5,6 +5,10 @@
 //! and status byte lives in that mapping.
 #![cfg(feature = "vm-memory")]
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 #[path = "common/virtio_drivers_glue.rs"]
 mod glue;
 
@@ -45,14 +49,6 @@ fn plug<B: BlockBackend + 'static>(backend: B, config: BlkConfig, trigger: Trigg
     bus
 }
 
-/// xorshift64*: deterministic, no dependency.
-fn next(s: &mut u64) -> u64 {
-    *s ^= *s >> 12;
-    *s ^= *s << 25;
-    *s ^= *s >> 27;
-    s.wrapping_mul(0x2545_f491_4f6c_dd1d)
-}
-
 #[test]
 fn virtio_drivers_blk_over_guest_memory_mmap() {
     let host = setup();
@@ -70,11 +66,11 @@ fn virtio_drivers_blk_over_guest_memory_mmap() {
     assert_eq!(sectors, (4 << 20) / SECTOR_SIZE);
 
     let mut shadow = vec![0u8; sectors * SECTOR_SIZE];
-    let mut rng = 0x5eed_u64;
+    let mut rng = Rng::new(0x5eed);
     for round in 0..rounds {
-        let n = 1 + (next(&mut rng) % 16) as usize;
-        let start = (next(&mut rng) % (sectors - n) as u64) as usize;
-        let data: Vec<u8> = (0..n * SECTOR_SIZE).map(|_| next(&mut rng) as u8).collect();
+        let n = 1 + (rng.next() % 16) as usize;
+        let start = (rng.next() % (sectors - n) as u64) as usize;
+        let data: Vec<u8> = (0..n * SECTOR_SIZE).map(|_| rng.next() as u8).collect();
         driver.write_blocks(start, &data).unwrap_or_else(|e| panic!("round {round}: {e:?}"));
         shadow[start * SECTOR_SIZE..(start + n) * SECTOR_SIZE].copy_from_slice(&data);
         let mut back = vec![0u8; data.len()];
@@ -110,10 +106,10 @@ fn two_queues_on_two_threads_over_guest_memory_mmap() {
             thread::spawn(move || {
                 let mut q = p.attach();
                 let base = u64::from(q.index()) * per_queue;
-                let mut rng = 0x1000 + u64::from(q.index());
+                let mut rng = Rng::new(0x1000 + u64::from(q.index()));
                 for i in 0..64u64 {
                     let sector = (base + (i % 32) * 4096) / 512;
-                    let data: Vec<u8> = (0..4096).map(|_| next(&mut rng) as u8).collect();
+                    let data: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
                     assert_eq!(q.request(T_OUT, sector, &data, &mut []).0, 0, "write");
                     let mut back = vec![0u8; 4096];
                     assert_eq!(q.request(T_IN, sector, &[], &mut back).0, 0, "read");
