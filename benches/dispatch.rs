@@ -145,19 +145,40 @@ fn each(stream: &[u64], reps: u64, mut f: impl FnMut(u64)) {
     }
 }
 
+/// The one reader loop every subject runs: `lookup` dispatches an address
+/// (0 on a miss) and the results are summed, so nothing is optimized out.
+/// Generic, so each subject's lookup is inlined into its own copy of the loop.
+#[inline(always)]
+fn sweep(stream: &[u64], reps: u64, mut lookup: impl FnMut(u64) -> u64) -> u64 {
+    let mut sum = 0u64;
+    each(stream, reps, |a| sum = sum.wrapping_add(lookup(a)));
+    sum
+}
+
 /// One dispatch implementation under test.
 trait Subject: Sync {
     /// Dispatches every address of `stream`, `reps` times, from the calling
-    /// thread as vCPU `vcpu`; returns a checksum so nothing is optimized out.
+    /// thread as vCPU `vcpu` (through [`sweep`]); returns its checksum.
     fn run(&self, vcpu: u32, stream: &[u64], reps: u64) -> u64;
-    /// Plugs a spare device at `start`; returns what `unplug` needs.
-    fn plug(&self, start: u64) -> u64;
-    /// Unplugs what `plug` returned.
-    fn unplug(&self, token: u64);
-    /// Plugs spares at every start in one critical section or publish.
+    /// Plugs spares at every start in one critical section or publish;
+    /// returns what `unplug_batch` needs.
     fn plug_batch(&self, starts: &[u64]) -> Vec<u64>;
     /// Unplugs a batch.
     fn unplug_batch(&self, tokens: &[u64]);
+    /// Plugs a spare device at `start`; returns what `unplug` needs.
+    fn plug(&self, start: u64) -> u64 {
+        self.plug_batch(&[start])[0]
+    }
+    /// Unplugs what `plug` returned.
+    fn unplug(&self, token: u64) {
+        self.unplug_batch(&[token]);
+    }
+}
+
+/// `empty` with the `n` bench devices plugged in one batch.
+fn populated<S: Subject>(empty: S, n: u64) -> S {
+    empty.plug_batch(&(0..n).map(start_of).collect::<Vec<_>>());
+    empty
 }
 
 fn new_device() -> Arc<Trivial> {
@@ -170,9 +191,11 @@ fn fits(addr: u64, last: u64) -> bool {
     matches!(addr.checked_add(WIDTH.bytes() - 1), Some(end) if end <= last)
 }
 
+/// Calls the device the way a bus does; the value masked to the width.
 #[inline(always)]
 fn call(dev: &dyn Device, start: u64, addr: u64, vcpu: u32) -> u64 {
-    dev.read(Access { offset: addr - start, addr, width: WIDTH, vcpu: Some(vcpu) }).unwrap_or(0)
+    let access = Access { offset: addr - start, addr, width: WIDTH, vcpu: Some(vcpu) };
+    dev.read(access).unwrap_or(0)
 }
 
 /// `start -> (last, device)`, the map the lock-based peers keep.
@@ -204,15 +227,13 @@ impl Floor {
         if !fits(addr, *last) {
             return 0;
         }
-        call(&**dev, self.starts[i], addr, vcpu) & WIDTH.mask()
+        call(&**dev, self.starts[i], addr, vcpu)
     }
 }
 
 impl Subject for Floor {
     fn run(&self, vcpu: u32, stream: &[u64], reps: u64) -> u64 {
-        let mut sum = 0u64;
-        each(stream, reps, |a| sum = sum.wrapping_add(self.read(a, vcpu)));
-        sum
+        sweep(stream, reps, |a| self.read(a, vcpu))
     }
     fn plug(&self, _: u64) -> u64 {
         unreachable!("the floor is frozen")
@@ -250,14 +271,12 @@ impl Vmio {
 
 impl Subject for Vmio {
     fn run(&self, vcpu: u32, stream: &[u64], reps: u64) -> u64 {
-        let mut sum = 0u64;
         if self.std_path {
-            each(stream, reps, |a| sum = sum.wrapping_add(self.bus.read(a, WIDTH).unwrap_or(0)));
+            sweep(stream, reps, |a| self.bus.read(a, WIDTH).unwrap_or(0))
         } else {
             let mut h = self.bus.handle(vcpu);
-            each(stream, reps, |a| sum = sum.wrapping_add(h.read(a, WIDTH).unwrap_or(0)));
+            sweep(stream, reps, |a| h.read(a, WIDTH).unwrap_or(0))
         }
-        sum
     }
     fn plug(&self, start: u64) -> u64 {
         self.bus.register(IoRange::new(start, SIZE).unwrap(), new_device()).unwrap().get()
@@ -294,33 +313,21 @@ struct RwLockBTree {
 
 impl RwLockBTree {
     fn new(n: u64) -> Self {
-        let s = RwLockBTree { map: RwLock::default(), owners: Mutex::default() };
-        s.plug_batch(&(0..n).map(start_of).collect::<Vec<_>>());
-        s
+        populated(RwLockBTree { map: RwLock::default(), owners: Mutex::default() }, n)
     }
 }
 
 impl Subject for RwLockBTree {
     fn run(&self, vcpu: u32, stream: &[u64], reps: u64) -> u64 {
-        let mut sum = 0u64;
-        each(stream, reps, |a| {
+        sweep(stream, reps, |a| {
             let found = {
                 let map = self.map.read().unwrap();
                 map.range(..=a).next_back().and_then(|(&start, (last, weak))| {
                     fits(a, *last).then(|| weak.upgrade().map(|d| (start, d))).flatten()
                 })
             };
-            if let Some((start, dev)) = found {
-                sum = sum.wrapping_add(call(&*dev, start, a, vcpu) & WIDTH.mask());
-            }
-        });
-        sum
-    }
-    fn plug(&self, start: u64) -> u64 {
-        self.plug_batch(&[start])[0]
-    }
-    fn unplug(&self, token: u64) {
-        self.unplug_batch(&[token]);
+            if let Some((start, dev)) = found { call(&*dev, start, a, vcpu) } else { 0 }
+        })
     }
     fn plug_batch(&self, starts: &[u64]) -> Vec<u64> {
         let devs: Vec<Arc<dyn Device>> = starts.iter().map(|_| new_device() as _).collect();
@@ -354,33 +361,21 @@ struct MutexBTree {
 
 impl MutexBTree {
     fn new(n: u64) -> Self {
-        let s = MutexBTree { map: Mutex::default() };
-        s.plug_batch(&(0..n).map(start_of).collect::<Vec<_>>());
-        s
+        populated(MutexBTree { map: Mutex::default() }, n)
     }
 }
 
 impl Subject for MutexBTree {
     fn run(&self, vcpu: u32, stream: &[u64], reps: u64) -> u64 {
-        let mut sum = 0u64;
-        each(stream, reps, |a| {
+        sweep(stream, reps, |a| {
             let found = {
                 let map = self.map.lock().unwrap();
                 map.range(..=a)
                     .next_back()
                     .and_then(|(&start, (last, d))| fits(a, *last).then(|| (start, d.clone())))
             };
-            if let Some((start, dev)) = found {
-                sum = sum.wrapping_add(call(&*dev, start, a, vcpu) & WIDTH.mask());
-            }
-        });
-        sum
-    }
-    fn plug(&self, start: u64) -> u64 {
-        self.plug_batch(&[start])[0]
-    }
-    fn unplug(&self, token: u64) {
-        self.unplug_batch(&[token]);
+            if let Some((start, dev)) = found { call(&*dev, start, a, vcpu) } else { 0 }
+        })
     }
     fn plug_batch(&self, starts: &[u64]) -> Vec<u64> {
         let devs: Vec<Arc<dyn Device>> = starts.iter().map(|_| new_device() as _).collect();
@@ -409,29 +404,17 @@ struct VmDevice {
 
 impl VmDevice {
     fn new(n: u64) -> Self {
-        let s = VmDevice { mgr: RwLock::new(IoManager::new()) };
-        s.plug_batch(&(0..n).map(start_of).collect::<Vec<_>>());
-        s
+        populated(VmDevice { mgr: RwLock::new(IoManager::new()) }, n)
     }
 }
 
 impl Subject for VmDevice {
     fn run(&self, _vcpu: u32, stream: &[u64], reps: u64) -> u64 {
-        let mut sum = 0u64;
-        each(stream, reps, |a| {
+        sweep(stream, reps, |a| {
             let mut data = [0u8; 4];
             let ok = self.mgr.read().unwrap().mmio_read(MmioAddress(a), &mut data);
-            if ok.is_ok() {
-                sum = sum.wrapping_add(u64::from(u32::from_le_bytes(data)));
-            }
-        });
-        sum
-    }
-    fn plug(&self, start: u64) -> u64 {
-        self.plug_batch(&[start])[0]
-    }
-    fn unplug(&self, token: u64) {
-        self.unplug_batch(&[token]);
+            if ok.is_ok() { u64::from(u32::from_le_bytes(data)) } else { 0 }
+        })
     }
     fn plug_batch(&self, starts: &[u64]) -> Vec<u64> {
         let devs: Vec<Arc<dyn vm_device::DeviceMmio + Send + Sync>> =
@@ -460,31 +443,23 @@ struct LinearVec {
 
 impl LinearVec {
     fn new(n: u64) -> Self {
-        let s = LinearVec { devs: RwLock::default() };
-        s.plug_batch(&(0..n).map(start_of).collect::<Vec<_>>());
-        s
+        populated(LinearVec { devs: RwLock::default() }, n)
     }
 }
 
 impl Subject for LinearVec {
     fn run(&self, vcpu: u32, stream: &[u64], reps: u64) -> u64 {
-        let mut sum = 0u64;
-        each(stream, reps, |a| {
+        sweep(stream, reps, |a| {
             let devs = self.devs.read().unwrap();
             if let Some((start, last, dev)) =
                 devs.iter().find(|(start, last, _)| *start <= a && a <= *last)
                 && fits(a, *last)
             {
-                sum = sum.wrapping_add(call(&**dev, *start, a, vcpu) & WIDTH.mask());
+                call(&**dev, *start, a, vcpu)
+            } else {
+                0
             }
-        });
-        sum
-    }
-    fn plug(&self, start: u64) -> u64 {
-        self.plug_batch(&[start])[0]
-    }
-    fn unplug(&self, token: u64) {
-        self.unplug_batch(&[token]);
+        })
     }
     fn plug_batch(&self, starts: &[u64]) -> Vec<u64> {
         let mut devs = self.devs.write().unwrap();
@@ -508,31 +483,26 @@ struct ArcSwapEntries {
 
 impl ArcSwapEntries {
     fn new(n: u64) -> Self {
-        let s = ArcSwapEntries { table: ArcSwap::from_pointee(Vec::new()), writer: Mutex::new(()) };
-        s.plug_batch(&(0..n).map(start_of).collect::<Vec<_>>());
-        s
+        populated(
+            ArcSwapEntries { table: ArcSwap::from_pointee(Vec::new()), writer: Mutex::new(()) },
+            n,
+        )
     }
 }
 
 impl Subject for ArcSwapEntries {
     fn run(&self, vcpu: u32, stream: &[u64], reps: u64) -> u64 {
-        let mut sum = 0u64;
-        each(stream, reps, |a| {
+        sweep(stream, reps, |a| {
             let t = self.table.load();
             let i = t.partition_point(|(s, _, _)| *s <= a);
             if let Some((start, last, dev)) = i.checked_sub(1).map(|i| &t[i])
                 && fits(a, *last)
             {
-                sum = sum.wrapping_add(call(&**dev, *start, a, vcpu) & WIDTH.mask());
+                call(&**dev, *start, a, vcpu)
+            } else {
+                0
             }
-        });
-        sum
-    }
-    fn plug(&self, start: u64) -> u64 {
-        self.plug_batch(&[start])[0]
-    }
-    fn unplug(&self, token: u64) {
-        self.unplug_batch(&[token]);
+        })
     }
     fn plug_batch(&self, starts: &[u64]) -> Vec<u64> {
         let _w = self.writer.lock().unwrap();
@@ -563,10 +533,9 @@ struct NaiveEpoch {
 
 impl NaiveEpoch {
     fn new(n: u64) -> Self {
-        let s =
+        let empty =
             NaiveEpoch { table: crossbeam_epoch::Atomic::new(Vec::new()), writer: Mutex::new(()) };
-        s.plug_batch(&(0..n).map(start_of).collect::<Vec<_>>());
-        s
+        populated(empty, n)
     }
 
     /// Copies the table, lets `edit` change the copy, publishes it and
@@ -587,8 +556,7 @@ impl NaiveEpoch {
 
 impl Subject for NaiveEpoch {
     fn run(&self, vcpu: u32, stream: &[u64], reps: u64) -> u64 {
-        let mut sum = 0u64;
-        each(stream, reps, |a| {
+        sweep(stream, reps, |a| {
             let guard = crossbeam_epoch::pin();
             // SAFETY: never null; retired tables are freed only after this
             // guard is dropped.
@@ -600,16 +568,11 @@ impl Subject for NaiveEpoch {
             if let Some((start, last, dev)) = i.map(|i| &t[i])
                 && fits(a, *last)
             {
-                sum = sum.wrapping_add(call(&**dev, *start, a, vcpu) & WIDTH.mask());
+                call(&**dev, *start, a, vcpu)
+            } else {
+                0
             }
-        });
-        sum
-    }
-    fn plug(&self, start: u64) -> u64 {
-        self.plug_batch(&[start])[0]
-    }
-    fn unplug(&self, token: u64) {
-        self.unplug_batch(&[token]);
+        })
     }
     fn plug_batch(&self, starts: &[u64]) -> Vec<u64> {
         self.edit(|next| {
