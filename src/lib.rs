@@ -2,6 +2,59 @@
 //! from vCPU threads to the devices that own them, while devices are plugged
 //! and unplugged underneath.
 //!
+//! # VMM quick start
+//!
+//! A VMM describes its devices in TOML ([`VmDeviceConfig`]), builds a
+//! [`DeviceManager`] from them, gives each vCPU thread a [`VcpuIo`] for its
+//! I/O exits, hot-plugs devices by name, and adds kinds of its own to the
+//! built-in ones ([`DeviceKinds`]):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmio::{Built, DeviceConfig, DeviceKinds, DeviceManager, Reserved, Space};
+//! use vmio::{VmDeviceConfig, Width};
+//!
+//! // 1. The devices, from TOML (`from_toml_file` for a file).
+//! let vm = VmDeviceConfig::from_toml(r#"
+//!     [[devices]]
+//!     name = "com1"
+//!     kind = "uart16550"
+//!     base = 0x3f8
+//!     length = 8
+//!     params = { output = "discard" }
+//!
+//!     [[devices]]
+//!     name = "midr"
+//!     kind = "id-reg"
+//!     base = 0xc000
+//!     length = 8
+//!     params = { value = 0x410f_d083 }
+//! "#)?;
+//!
+//! // 2. The manager, with a kind of the VMM's own next to the built-in ones
+//! //    (`.interrupts(..)` wires `irq`s to the VMM's interrupt controller).
+//! let kinds = DeviceKinds::default().with("id-reg", &["value"], |env| {
+//!     let value = env.config.param_u64("value")?.ok_or_else(|| env.config.missing("value"))?;
+//!     Ok(Built::new(Space::SysReg, Arc::new(Reserved::new(value))))
+//! });
+//! let manager = DeviceManager::builder().kinds(kinds).build(&vm)?;
+//!
+//! // 3. Per vCPU thread: one `VcpuIo`, handed every I/O exit (lock-free).
+//! let mut io = manager.vcpu(0);
+//! io.handle_port_write(0x3ff, Width::U8, 0x5a)?; // the UART's scratch register
+//! assert_eq!(io.handle_port_read(0x3ff, Width::U8)?, 0x5a);
+//! assert_eq!(io.handle_sysreg_read(0xc000, Width::U64)?, 0x410f_d083);
+//! let fault = io.handle_port_write(0x3f8, Width::U16, 0).unwrap_err();
+//! assert_eq!(fault.device.as_deref(), Some("com1")); // guest faults name the device
+//!
+//! // 4. Hot-plug by name while vCPUs dispatch.
+//! manager.add(DeviceConfig::new("com2", "uart16550", 0x2f8, 8).with_param("output", "discard"))?;
+//! manager.remove("com2")?.wait()?; // returns once no vCPU can still be inside it
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # The bus underneath
+//!
 //! Each address space has an [`IoBus`]: an immutable, sorted interval table
 //! published through an atomic pointer and reclaimed with crossbeam-epoch
 //! (a private collector per bus). A lookup through a [`VcpuHandle`] pins the
@@ -13,7 +66,7 @@
 //! drives reclamation (a writer, an unplug poll or wait) outside the bus's
 //! lock, never in crossbeam's collection step inside a vCPU's pin.
 //!
-//! # Example
+//! ## Example
 //!
 //! ```
 //! use std::sync::Arc;

@@ -19,6 +19,7 @@
 //!
 //! # Example
 //! ```
+//! # #[cfg(feature = "testing")] { // uses the `testing` feature
 //! use std::sync::Arc;
 //! use vmio::virtio::mmio::{MmioTransport, MAGIC_VALUE};
 //! use vmio::virtio::{GuestRam, RecordingIrq, Trigger};
@@ -31,6 +32,7 @@
 //! let bus = IoBus::<Mmio>::new();
 //! bus.register(IoRange::new(0x1000_0000, 0x200)?, dev)?;
 //! assert_eq!(bus.read(0x1000_0000, Width::U32)?, u64::from(MAGIC_VALUE));
+//! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -191,6 +193,7 @@ struct Registers {
 ///
 /// # Deferred notification
 /// ```
+/// # #[cfg(feature = "testing")] { // uses the `testing` feature
 /// use std::sync::Arc;
 /// use vmio::virtio::{CondvarEvent, GuestRam, MmioTransport, QueueEvent, QueueWorkers};
 /// use vmio::virtio::{RecordingIrq, Trigger};
@@ -206,6 +209,7 @@ struct Registers {
 /// let workers = QueueWorkers::spawn(dev.clone(), events)?;
 /// // ... plug `dev` into the bus, run the guest ...
 /// workers.shutdown();
+/// # }
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct MmioTransport<D> {

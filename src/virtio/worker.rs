@@ -44,6 +44,7 @@ use super::{MmioTransport, VirtioDevice};
 ///
 /// # Example
 /// ```
+/// # #[cfg(feature = "testing")] { // uses the `testing` feature
 /// use std::sync::Arc;
 /// use vmio::virtio::{CondvarEvent, GuestRam, MmioTransport, QueueEvent, QueueWorkers};
 /// use vmio::virtio::{RecordingIrq, Trigger};
@@ -57,6 +58,7 @@ use super::{MmioTransport, VirtioDevice};
 /// let workers = QueueWorkers::spawn(dev.clone(), events)?;
 /// assert_eq!(workers.len(), 2);
 /// drop(workers); // stops, wakes and joins the threads
+/// # }
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct QueueWorkers {
