@@ -195,7 +195,7 @@ fn fits(addr: u64, last: u64) -> bool {
 #[inline(always)]
 fn call(dev: &dyn Device, start: u64, addr: u64, vcpu: u32) -> u64 {
     let access = Access { offset: addr - start, addr, width: WIDTH, vcpu: Some(vcpu) };
-    dev.read(access).unwrap_or(0)
+    dev.read(access).unwrap_or(0) & WIDTH.mask()
 }
 
 /// `start -> (last, device)`, the map the lock-based peers keep.
