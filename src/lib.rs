@@ -129,6 +129,11 @@ mod sync;
 pub mod testing;
 pub mod virtio;
 
+/// The pseudo-random generator the integration tests use, for unit tests.
+#[cfg(test)]
+#[path = "../tests/common/rng.rs"]
+mod test_rng;
+
 /// Compiles the README's Rust examples as doctests, so it stays true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

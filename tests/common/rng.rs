@@ -5,7 +5,8 @@
 //! never dominates what a bench measures.
 //!
 //! Included by path (`#[path = ".../common/rng.rs"] mod rng;`), since
-//! tests, benches and examples are separate crates.
+//! tests, benches and examples are separate crates; the library's unit
+//! tests include it the same way.
 #![allow(dead_code)]
 
 /// An xorshift64 generator.
