@@ -22,6 +22,7 @@
 //! code never runs under either.
 
 mod reader;
+mod ready;
 mod reclaim;
 pub(crate) mod search;
 pub(crate) mod table;
