@@ -162,13 +162,16 @@ impl<T> Iterator for Chain<T> {
     type Item = T;
 
     fn next(&mut self) -> Option<T> {
-        if self.0.is_null() {
+        // Step past the node before anything can unwind (under loom, reading
+        // the link can), so no node is ever taken twice.
+        let node = core::mem::replace(&mut self.0, ptr::null_mut());
+        if node.is_null() {
             return None;
         }
         // SAFETY: every node in the chain came from `Box::into_raw` in
         // `Stack::push`, and the chain was taken off the stack by one swap, so
-        // this thread owns each node, and this steps past each exactly once.
-        let node = unsafe { Box::from_raw(self.0) };
+        // this thread owns each node, and the line above steps past it.
+        let node = unsafe { Box::from_raw(node) };
         // SAFETY: the link was written before the push that published the
         // node, and the take's swap acquired that push.
         self.0 = node.next.with(|next| unsafe { *next });
@@ -229,7 +232,6 @@ mod tests {
         assert_eq!(Arc::strong_count(&token), 1);
     }
 
-    #[cfg(feature = "std")]
     #[test]
     fn a_panicking_value_does_not_stop_the_rest_of_the_chain() {
         use alloc::sync::Arc;
@@ -259,11 +261,16 @@ mod loom_model {
 
     use loom::cell::UnsafeCell;
     use loom::sync::Arc;
-    use loom::sync::atomic::AtomicUsize;
     use loom::thread;
+    use std::sync::Arc as StdArc;
+    use std::sync::atomic::AtomicUsize;
 
     use super::{Node, Orderings, Stack, Strong};
     use core::sync::atomic::Ordering;
+
+    /// Which items were taken: a plain atomic, not loom's, so the bookkeeping
+    /// adds neither interleavings nor synchronization to the model.
+    type Taken = StdArc<AtomicUsize>;
 
     /// A pushed item: its payload is a loom cell written by the pusher, so
     /// loom reports a read that does not happen after the write. Dropping it
@@ -271,12 +278,12 @@ mod loom_model {
     struct Item {
         id: usize,
         payload: UnsafeCell<usize>,
-        taken: Arc<AtomicUsize>,
+        taken: Taken,
     }
 
     impl Item {
-        fn new(id: usize, taken: &Arc<AtomicUsize>) -> Box<Node<Item>> {
-            let item = Item { id, payload: UnsafeCell::new(0), taken: Arc::clone(taken) };
+        fn new(id: usize, taken: &Taken) -> Box<Node<Item>> {
+            let item = Item { id, payload: UnsafeCell::new(0), taken: StdArc::clone(taken) };
             item.payload.with_mut(|p| {
                 // SAFETY: the item is not shared yet.
                 unsafe { *p = 100 + id }
@@ -287,46 +294,45 @@ mod loom_model {
 
     impl Drop for Item {
         fn drop(&mut self) {
+            // Once a check failed, the chain still drops the other items:
+            // a second panic would abort the test instead of failing it.
+            if std::thread::panicking() {
+                return;
+            }
             // SAFETY: the dropping thread owns the item; loom checks that the
             // pusher's write happens before this read.
             let payload = self.payload.with(|p| unsafe { *p });
             assert_eq!(payload, 100 + self.id, "payload fully visible");
-            // Relaxed: a read-modify-write sees every earlier one, which is
-            // all the exactly-once check needs; it must not add the ordering
-            // under test.
+            // Relaxed: loom runs its threads one at a time, and a
+            // read-modify-write sees every earlier one anyway.
             let before = self.taken.fetch_or(1 << self.id, Ordering::Relaxed);
             assert_eq!(before & (1 << self.id), 0, "item {} taken twice", self.id);
         }
     }
 
-    /// Two pushers race a thread that takes the stack; the main thread takes
-    /// what is left after joining them.
-    fn pushers_race_a_taker<O: Orderings + 'static>() {
+    /// Two pushers race a take; what is left is taken after joining them.
+    fn pushers_race_a_take<O: Orderings + 'static>() {
         loom::model(|| {
             let stack = Arc::new(Stack::<Item, O>::new());
-            let taken = Arc::new(AtomicUsize::new(0));
+            let taken = Taken::default();
             let pushers: Vec<_> = (0..2)
                 .map(|id| {
-                    let (stack, taken) = (Arc::clone(&stack), Arc::clone(&taken));
+                    let (stack, taken) = (Arc::clone(&stack), StdArc::clone(&taken));
                     thread::spawn(move || stack.push(Item::new(id, &taken)))
                 })
                 .collect();
-            let taker = {
-                let stack = Arc::clone(&stack);
-                thread::spawn(move || stack.take().for_each(drop))
-            };
+            stack.take().for_each(drop);
             for thread in pushers {
                 thread.join().expect("pusher");
             }
-            taker.join().expect("taker");
             stack.take().for_each(drop);
             assert_eq!(taken.load(Ordering::Relaxed), 0b11, "every item taken");
         });
     }
 
     #[test]
-    fn loom_pushers_race_a_taker() {
-        pushers_race_a_taker::<Strong>();
+    fn loom_pushers_race_a_take() {
+        pushers_race_a_take::<Strong>();
     }
 
     /// The stack's last owner drops it while another thread may still be
@@ -335,9 +341,9 @@ mod loom_model {
     fn loom_drop_races_a_take() {
         loom::model(|| {
             let stack = Arc::new(Stack::<Item>::new());
-            let taken = Arc::new(AtomicUsize::new(0));
+            let taken = Taken::default();
             let pusher = {
-                let (stack, taken) = (Arc::clone(&stack), Arc::clone(&taken));
+                let (stack, taken) = (Arc::clone(&stack), StdArc::clone(&taken));
                 thread::spawn(move || {
                     stack.push(Item::new(0, &taken));
                     stack.push(Item::new(1, &taken));
@@ -370,12 +376,12 @@ mod loom_model {
     #[test]
     #[should_panic(expected = "Causality violation")]
     fn loom_catches_a_relaxed_push() {
-        pushers_race_a_taker::<RelaxedPush>();
+        pushers_race_a_take::<RelaxedPush>();
     }
 
     #[test]
     #[should_panic(expected = "Causality violation")]
     fn loom_catches_a_relaxed_take() {
-        pushers_race_a_taker::<RelaxedTake>();
+        pushers_race_a_take::<RelaxedTake>();
     }
 }

@@ -31,6 +31,9 @@ use crate::sync::Mutex;
 /// One bus's reclamation domain.
 pub(crate) struct Reclaim {
     collector: Collector,
+    /// Shared with the deferred closures; whichever drops it last drops
+    /// what the collector ran after the last driver (the collector runs its
+    /// remaining closures when its last participant leaves).
     ready: Arc<Ready>,
     /// Retirements held back while the collector is not keeping up (see
     /// `retire`). Taken under the writer lock and by `flush`, nothing else.
