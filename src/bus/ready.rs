@@ -257,16 +257,15 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_model {
     use alloc::boxed::Box;
+    use alloc::sync::Arc as StdArc;
     use alloc::vec::Vec;
+    use core::sync::atomic::{AtomicUsize, Ordering};
 
     use loom::cell::UnsafeCell;
     use loom::sync::Arc;
     use loom::thread;
-    use std::sync::Arc as StdArc;
-    use std::sync::atomic::AtomicUsize;
 
     use super::{Node, Orderings, Stack, Strong};
-    use core::sync::atomic::Ordering;
 
     /// Which items were taken: a plain atomic, not loom's, so the bookkeeping
     /// adds neither interleavings nor synchronization to the model.
@@ -310,7 +309,8 @@ mod loom_model {
         }
     }
 
-    /// Two pushers race a take; what is left is taken after joining them.
+    /// Two pushers, two items each, race a take; what is left is taken after
+    /// joining them.
     fn pushers_race_a_take<O: Orderings + 'static>() {
         loom::model(|| {
             let stack = Arc::new(Stack::<Item, O>::new());
@@ -318,7 +318,10 @@ mod loom_model {
             let pushers: Vec<_> = (0..2)
                 .map(|id| {
                     let (stack, taken) = (Arc::clone(&stack), StdArc::clone(&taken));
-                    thread::spawn(move || stack.push(Item::new(id, &taken)))
+                    thread::spawn(move || {
+                        stack.push(Item::new(2 * id, &taken));
+                        stack.push(Item::new(2 * id + 1, &taken));
+                    })
                 })
                 .collect();
             stack.take().for_each(drop);
@@ -326,7 +329,7 @@ mod loom_model {
                 thread.join().expect("pusher");
             }
             stack.take().for_each(drop);
-            assert_eq!(taken.load(Ordering::Relaxed), 0b11, "every item taken");
+            assert_eq!(taken.load(Ordering::Relaxed), 0b1111, "every item taken");
         });
     }
 
