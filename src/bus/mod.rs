@@ -23,6 +23,7 @@
 
 mod error;
 mod reader;
+mod ready;
 mod reclaim;
 pub(crate) mod search;
 pub(crate) mod table;

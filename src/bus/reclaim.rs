@@ -19,11 +19,11 @@
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_epoch::{Collector, Guard, LocalHandle, Shared};
 
+use super::ready::{self, Node};
 use super::table::Table;
 use crate::device::Device;
 use crate::sync::Mutex;
@@ -31,6 +31,9 @@ use crate::sync::Mutex;
 /// One bus's reclamation domain.
 pub(crate) struct Reclaim {
     collector: Collector,
+    /// Shared with the deferred closures; whichever drops it last drops
+    /// what the collector ran after the last driver (the collector runs its
+    /// remaining closures when its last participant leaves).
     ready: Arc<Ready>,
     /// Retirements held back while the collector is not keeping up (see
     /// `retire`). Taken under the writer lock and by `flush`, nothing else.
@@ -43,7 +46,7 @@ impl Reclaim {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Reclaim {
             collector: Collector::new(),
-            ready: Arc::new(Ready { head: AtomicPtr::new(ptr::null_mut()) }),
+            ready: Arc::new(Ready::new()),
             held: Mutex::new(Vec::new()),
             pending: Arc::new(AtomicUsize::new(0)),
         })
@@ -90,9 +93,8 @@ impl Reclaim {
         // backoff; the items themselves are handed over through the
         // collector, `held` and `Ready`.
         let pending = self.pending.fetch_add(1, Ordering::Relaxed);
-        let item = Box::new(Retired {
+        let item = Node::new(Retired {
             devices,
-            next: ptr::null_mut(),
             done: Done { flag: Arc::clone(&done), pending: Arc::clone(&self.pending) },
         });
         let unlinked = Unlinked { table: SendPtr(old.as_raw().cast_mut()), item };
@@ -183,7 +185,7 @@ const HOLD_BATCH: usize = 64;
 /// An unlinked table and its retirement, on their way to the collector.
 struct Unlinked {
     table: SendPtr,
-    item: Box<Retired>,
+    item: Box<Node<Retired>>,
 }
 
 impl Unlinked {
@@ -196,7 +198,7 @@ impl Unlinked {
         // participant pinned before the defer has unpinned; nothing else frees
         // a table.
         drop(unsafe { Box::from_raw(self.table.0) });
-        if self.item.devices.is_empty() {
+        if self.item.value().devices.is_empty() {
             // Nothing foreign to run: done here (dropping the item flips
             // its flag).
             drop(self.item);
@@ -213,65 +215,17 @@ struct SendPtr(*mut Table);
 unsafe impl Send for SendPtr {}
 
 /// Items past their grace period, waiting for a driver to drop their
-/// devices: a lock-free stack that is only ever emptied whole, so it has no
-/// ABA problem.
-struct Ready {
-    head: AtomicPtr<Retired>,
-}
+/// devices (see [`ready`](super::ready) for why it is a hand-written stack).
+type Ready = ready::Stack<Retired>;
 
 impl Ready {
-    fn push(&self, item: Box<Retired>) {
-        let item = Box::into_raw(item);
-        // Relaxed: the value is only a guess for the first exchange.
-        let mut head = self.head.load(Ordering::Relaxed);
-        loop {
-            // SAFETY: `item` is ours until the exchange below publishes it.
-            unsafe { (*item).next = head };
-            // Release: whoever takes the stack (Acquire in `drain`) sees
-            // the item fully written. Relaxed on failure: we retry with the
-            // fresh head and publish nothing.
-            match self.head.compare_exchange_weak(head, item, Ordering::Release, Ordering::Relaxed)
-            {
-                Ok(_) => return,
-                Err(now) => head = now,
-            }
-        }
-    }
-
     /// Drops every ready item's devices and completes their unplugs, on
     /// the calling thread.
     fn drain(&self) {
-        // Acquire pairs with the Release in `push`.
-        let head = self.head.swap(ptr::null_mut(), Ordering::Acquire);
-        if !head.is_null() {
-            drop(Chain(head));
-        }
-    }
-}
-
-impl Drop for Ready {
-    fn drop(&mut self) {
-        // Whatever the collector ran after the last driver (the collector
-        // runs its remaining closures when its last participant leaves).
-        self.drain();
-    }
-}
-
-/// A chain of ready items taken off the stack; dropping it drops them all,
-/// even when one of them unwinds (no `std`: a device destructor's panic
-/// propagates, but the rest of the chain is still finished first).
-struct Chain(*mut Retired);
-
-impl Drop for Chain {
-    fn drop(&mut self) {
-        while !self.0.is_null() {
-            // SAFETY: every node in the chain came from `Box::into_raw` in
-            // `Ready::push`, and the chain was taken off the stack by one
-            // swap, so this thread owns each node exactly once.
-            let item = unsafe { Box::from_raw(self.0) };
-            self.0 = item.next;
-            drop(item);
-        }
+        // Dropping the chain drops every item in it, even when one of them
+        // unwinds (no `std`: a device destructor's panic propagates, but the
+        // rest of the chain is still finished first).
+        drop(self.take());
     }
 }
 
@@ -284,14 +238,9 @@ impl Drop for Chain {
 /// drops after `devices`).
 struct Retired {
     devices: Vec<Arc<dyn Device>>,
-    next: *mut Retired,
     #[expect(dead_code, reason = "held for its `Drop`, which completes the unplug")]
     done: Done,
 }
-
-// SAFETY: the devices are `Send + Sync`; `next` links nodes owned by the
-// stack, never shared.
-unsafe impl Send for Retired {}
 
 impl Drop for Retired {
     fn drop(&mut self) {
