@@ -51,11 +51,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use glue::{BlkQueue, RAM_BASE, RequestBufs, T_IN, T_OUT, bring_up, guest_ram};
+use vmio::IrqLine;
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
-use vmio::virtio::mmio::regs;
+use vmio::virtio::spec::mmio as regs;
 use vmio::virtio::{
-    ActivateError, Activation, CondvarEvent, IrqLine, MmioTransport, QueueEvent, QueueStop,
-    QueueWorkers, Trigger, VirtioDevice,
+    ActivateError, Activation, CondvarEvent, MmioTransport, QueueEvent, QueueStop, QueueWorkers,
+    Trigger, VirtioDevice,
 };
 use vmio::{IoBus, IoRange, Mmio, Width};
 

@@ -26,12 +26,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vmio::testing::{Buf, BusIo, GuestAlloc, GuestQueue, InitOptions, MmioDriver};
-use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, S_OK, T_IN, T_OUT, VirtioBlk};
-use vmio::virtio::mmio::regs;
-use vmio::virtio::{
-    CondvarEvent, GuestMemory, GuestRam, IrqLine, MmioTransport, QueueEvent, QueueWorkers, Trigger,
-};
+use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
+use vmio::virtio::spec::blk::{S_OK, T_IN, T_OUT};
+use vmio::virtio::spec::mmio as regs;
+use vmio::virtio::{CondvarEvent, MmioTransport, QueueEvent, QueueWorkers, Trigger};
 use vmio::{Access, Device, DeviceError, IoBus, IoRange, Mmio, Width};
+use vmio::{GuestMemory, GuestRam, IrqLine};
 
 const BLK_BASE: u64 = 0x1000_1000;
 /// Scratch devices come and go in slots above the disk.

@@ -167,11 +167,10 @@ impl Vm {
             let vm = vmio::VmDeviceConfig::from_toml_file(path).map_err(|e| e.to_string())?;
             let bytes = console_bytes.clone();
             // Guest RAM for the VM's DMA devices (virtio-blk rings and buffers).
-            let ram =
-                vmio::virtio::GuestRam::new(0x8000_0000, 16 << 20).map_err(|e| e.to_string())?;
+            let ram = vmio::GuestRam::new(0x8000_0000, 16 << 20).map_err(|e| e.to_string())?;
             let manager = DeviceManager::builder()
                 .memory(Arc::new(ram))
-                .interrupts(Arc::new(vmio::RecordingController::new()))
+                .interrupts(Arc::new(vmio::testing::RecordingController::new()))
                 .console(Arc::new(move |_: &str, b: &[u8]| {
                     // Relaxed: a display counter.
                     bytes.fetch_add(b.len() as u64, Ordering::Relaxed);

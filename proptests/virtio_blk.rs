@@ -6,13 +6,13 @@
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use vmio::testing::RecordingIrq;
 use vmio::testing::{Buf, GuestAlloc, GuestQueue};
-use vmio::virtio::blk::{
-    BlkConfig, BlockBackend, RamDisk, S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT,
-    VirtioBlk,
-};
-use vmio::virtio::features::VIRTIO_F_VERSION_1;
-use vmio::virtio::{Activation, GuestMemory, GuestRam, RecordingIrq, SplitQueue, VirtioDevice};
+use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
+use vmio::virtio::spec::blk::{S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT};
+use vmio::virtio::spec::features::VIRTIO_F_VERSION_1;
+use vmio::virtio::{Activation, SplitQueue, VirtioDevice};
+use vmio::{GuestMemory, GuestRam};
 
 const RAM: u64 = 0x40_0000;
 const QBASE: u64 = 0x1000;

@@ -44,18 +44,6 @@ impl AddressSpace for SysReg {
     const LAST: u64 = u32::MAX as u64;
 }
 
-memory_addr::def_usize_addr! {
-    /// A guest-physical address, the same shape as the ArceOS ecosystem's
-    /// address types: any `AddrRange` of it converts into an MMIO [`IoRange`].
-    pub type GuestPhysAddr;
-}
-
-impl fmt::Debug for GuestPhysAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GPA({:#x})", self.as_usize())
-    }
-}
-
 /// The size of one access: 1, 2, 4 or 8 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
@@ -291,6 +279,12 @@ mod tests {
         assert!(matches!(IoRange::<Pio>::inclusive(3, 2), Err(RangeError::Inverted { .. })));
         let r = IoRange::<Pio>::new(0, 1).unwrap();
         assert!(r.contains(0) && !r.contains(1));
+    }
+
+    memory_addr::def_usize_addr! {
+        /// A guest-physical address type of the kind ArceOS hypervisors
+        /// define (axaddrspace's `GuestPhysAddr`).
+        type GuestPhysAddr;
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub mod docs;
 mod error;
 mod irq;
 mod manager;
+mod memory;
 pub mod sync;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -76,7 +77,7 @@ pub mod virtio;
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-pub use addr::{AddressSpace, GuestPhysAddr, IoRange, Mmio, Pio, SysReg, Width};
+pub use addr::{AddressSpace, IoRange, Mmio, Pio, SysReg, Width};
 pub use bus::{Committed, DeviceId, Edit, IoBus, Unplug, VcpuHandle};
 pub use config::{ConfigError, ConfigErrorKind, DeviceConfig, ParamValue, Space, VmDeviceConfig};
 pub use device::{Access, Device, DeviceError, DeviceMut, Locked};
@@ -85,8 +86,9 @@ pub use devices::{
     Uart16550, UartOutput, VirtioBlkMmio,
 };
 pub use error::{AccessError, BusError, RangeError, WaitError, WidthError};
-pub use irq::{InterruptController, IrqLine, RecordingController};
+pub use irq::{InterruptController, IrqLine};
 pub use manager::{
     DeviceInfo, DeviceManager, DeviceManagerBuilder, DispatchError, LogLevel, ManagerError,
     MissPolicy, VcpuIo,
 };
+pub use memory::{GuestMemory, GuestRam, GuestRamError, MemoryError};

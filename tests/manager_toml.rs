@@ -6,14 +6,15 @@
 
 use std::sync::{Arc, Mutex};
 
+use vmio::testing::RecordingController;
 use vmio::testing::{Buf, DriverError, GuestAlloc, InitOptions, MmioDriver, RegisterIo};
-use vmio::virtio::blk::{S_OK, T_GET_ID, T_IN, T_OUT};
-use vmio::virtio::features::{VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use vmio::virtio::{GuestMemory, GuestRam, INT_USED_BUFFER};
-use vmio::{
-    ConfigErrorKind, DeviceManager, ManagerError, RecordingController, VirtioBlkMmio,
-    VmDeviceConfig, Width,
+use vmio::virtio::spec::blk::{S_OK, T_GET_ID, T_IN, T_OUT};
+use vmio::virtio::spec::features::{
+    VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
+use vmio::virtio::spec::interrupt::USED_BUFFER as INT_USED_BUFFER;
+use vmio::{ConfigErrorKind, DeviceManager, ManagerError, VirtioBlkMmio, VmDeviceConfig, Width};
+use vmio::{GuestMemory, GuestRam};
 
 const RAM: u64 = 0x8000_0000;
 const RAM_SIZE: u64 = 4 << 20;

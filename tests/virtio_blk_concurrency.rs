@@ -20,10 +20,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use glue::{T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES, bring_up, dwz_segment, guest_ram};
+use vmio::testing::RecordingIrq;
 use vmio::virtio::blk::{
-    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, S_IOERR, S_OK, VirtioBlk,
+    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, VirtioBlk,
 };
-use vmio::virtio::{ActivateError, Activation, MmioTransport, RecordingIrq, Trigger, VirtioDevice};
+use vmio::virtio::spec::blk::{S_IOERR, S_OK};
+use vmio::virtio::{ActivateError, Activation, MmioTransport, Trigger, VirtioDevice};
 use vmio::{IoBus, IoRange, Mmio};
 
 const BASE: u64 = 0x1000_0000;

@@ -31,11 +31,11 @@ use std::time::{Duration, Instant};
 use glue::{BusTransport, GuestHal, T_FLUSH, T_IN, T_OUT, bring_up, guest_ram};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use vmio::virtio::blk::{
-    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, S_OK, VirtioBlk,
+    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, VirtioBlk,
 };
-use vmio::virtio::{
-    CondvarEvent, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvent, QueueWorkers, Trigger,
-};
+use vmio::virtio::spec::blk::S_OK;
+use vmio::virtio::spec::mmio::QUEUE_NOTIFY;
+use vmio::virtio::{CondvarEvent, MmioTransport, QueueEvent, QueueWorkers, Trigger};
 use vmio::{Access, Device, DeviceError, IoBus, IoRange, IrqLine, Mmio, Width};
 
 const BASE: u64 = 0x1000_0000;
@@ -213,7 +213,7 @@ impl<D: vmio::virtio::VirtioDevice> Device for IoEventFd<D> {
         self.transport.read(access)
     }
     fn write(&self, access: Access, value: u64) -> Result<(), DeviceError> {
-        if access.offset == QUEUE_NOTIFY_OFFSET
+        if access.offset == QUEUE_NOTIFY
             && let Some(ev) = usize::try_from(value).ok().and_then(|q| self.events.get(q))
         {
             // Relaxed: a counter read after the fact.
@@ -384,7 +384,7 @@ fn unplug_and_dispatch_go_on_while_a_worker_flushes() {
         assert_eq!(h.read(OTHER, Width::U32).unwrap(), 0x5a);
         assert_eq!(h.read(BASE, Width::U32).unwrap(), 0x7472_6976, "magic");
         // A notify on the busy queue returns at once (it only signals).
-        h.write(BASE + QUEUE_NOTIFY_OFFSET, Width::U32, 0).unwrap();
+        h.write(BASE + QUEUE_NOTIFY, Width::U32, 0).unwrap();
     }
     drop(h);
 

@@ -6,13 +6,17 @@
 
 use std::sync::Arc;
 
+use vmio::testing::RecordingIrq;
 use vmio::testing::{Buf, DirectIo, Expect, Hostile, HostileEnv, InitOptions, MmioDriver};
-use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, S_OK, T_IN, T_OUT, VirtioBlk};
-use vmio::virtio::features::{VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use vmio::virtio::status::DEVICE_NEEDS_RESET;
-use vmio::virtio::{
-    GuestMemory, GuestRam, INT_CONFIG_CHANGE, MmioTransport, RecordingIrq, Trigger,
+use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
+use vmio::virtio::spec::blk::{S_OK, T_IN, T_OUT};
+use vmio::virtio::spec::features::{
+    VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
+use vmio::virtio::spec::interrupt::CONFIG_CHANGE as INT_CONFIG_CHANGE;
+use vmio::virtio::spec::status::DEVICE_NEEDS_RESET;
+use vmio::virtio::{MmioTransport, Trigger};
+use vmio::{GuestMemory, GuestRam};
 
 const RAM_END: u64 = 0x10_0000;
 const QBASE: u64 = 0x1000;

@@ -29,18 +29,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use vmio::testing::RecordingIrq;
 use vmio::testing::{Buf, DirectIo, GuestAlloc, GuestQueue, InitOptions, MmioDriver};
 use vmio::virtio::blk::{
-    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, S_OK, T_OUT, VirtioBlk,
+    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, VirtioBlk,
 };
-use vmio::virtio::features::VIRTIO_F_VERSION_1;
-use vmio::virtio::mmio::regs;
-use vmio::virtio::status::DEVICE_NEEDS_RESET;
+use vmio::virtio::spec::blk::{S_OK, T_OUT};
+use vmio::virtio::spec::features::VIRTIO_F_VERSION_1;
+use vmio::virtio::spec::interrupt::USED_BUFFER as INT_USED_BUFFER;
+use vmio::virtio::spec::mmio as regs;
+use vmio::virtio::spec::status::DEVICE_NEEDS_RESET;
 use vmio::virtio::{
-    ActivateError, Activation, CondvarEvent, GuestMemory, GuestRam, INT_USED_BUFFER, MemoryError,
-    MmioTransport, QueueEvent, QueueStop, QueueWorkers, RecordingIrq, Trigger, VirtioDevice,
+    ActivateError, Activation, CondvarEvent, MmioTransport, QueueEvent, QueueStop, QueueWorkers,
+    Trigger, VirtioDevice,
 };
 use vmio::{Access, Device, Width};
+use vmio::{GuestMemory, GuestRam, MemoryError};
 
 const RAM: u64 = 0x4000_0000;
 const RAM_SIZE: u64 = 0x20_0000;

@@ -29,16 +29,18 @@ use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 
+use super::irq::RecordingIrq;
 use super::mmio::{DirectIo, InitOptions, MmioDriver};
 use super::queue::Buf;
 use crate::addr::Width;
 use crate::device::{Access, Device};
+use crate::memory::{GuestMemory, GuestRam};
 use crate::virtio::blk::{BlkConfig, RamDisk, VirtioBlk};
-use crate::virtio::features::{
+use crate::virtio::spec::features::{
     VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
-use crate::virtio::status::DEVICE_NEEDS_RESET;
-use crate::virtio::{GuestMemory, GuestRam, MmioTransport, RecordingIrq, Trigger};
+use crate::virtio::spec::status::DEVICE_NEEDS_RESET;
+use crate::virtio::{MmioTransport, Trigger};
 
 /// Size of the fuzzed guest's RAM, at guest-physical 0.
 pub const FUZZ_BLK_RAM: u64 = 0x4_0000;

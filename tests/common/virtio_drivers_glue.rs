@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE, PhysAddr};
-use vmio::virtio::mmio::regs;
-use vmio::virtio::{GuestMemory, GuestRam};
+use vmio::virtio::spec::mmio as regs;
+use vmio::{GuestMemory, GuestRam};
 use vmio::{IoBus, Mmio, VcpuHandle, Width};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
