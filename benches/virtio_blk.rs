@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use glue::{BlkQueue, RAM_BASE, RequestBufs, T_IN, T_OUT, bring_up, guest_ram};
 use vmio::IrqLine;
-use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
+use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, RequestHeader, RequestType, VirtioBlk};
 use vmio::virtio::spec::mmio as regs;
 use vmio::virtio::{
     ActivateError, Activation, CondvarEvent, MmioTransport, QueueEvent, QueueStop, QueueWorkers,
@@ -187,8 +187,8 @@ impl Worker {
         for i in 0..n {
             let sector = self.next_sector();
             let slot = &mut self.slots[i];
-            slot.header[..4].copy_from_slice(&kind.to_le_bytes());
-            slot.header[8..].copy_from_slice(&sector.to_le_bytes());
+            let header = RequestHeader::new(RequestType::from_raw(kind), sector);
+            slot.header.copy_from_slice(&header.to_bytes());
         }
         self.queue.submit_batch(kind == T_OUT, &mut self.slots[..n]);
         for s in &self.slots[..n] {

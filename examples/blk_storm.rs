@@ -26,8 +26,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vmio::testing::{Buf, BusIo, GuestAlloc, GuestQueue, InitOptions, MmioDriver};
-use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
-use vmio::virtio::spec::blk::{S_OK, T_IN, T_OUT};
+use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, RequestHeader, RequestType, VirtioBlk};
+use vmio::virtio::spec::blk::S_OK;
 use vmio::virtio::spec::mmio as regs;
 use vmio::virtio::{CondvarEvent, MmioTransport, QueueEvent, QueueWorkers, Trigger};
 use vmio::{Access, Device, DeviceError, IoBus, IoRange, Mmio, Width};
@@ -168,11 +168,9 @@ fn vcpu(
             let n = 1 + (rng.next() % MAX_SECTORS as u64);
             let start = j as u64 * stripe + rng.next() % (stripe - n + 1);
             let write = rng.next() % 5 < 3;
-            let kind = if write { T_OUT } else { T_IN };
-            let mut h = [0u8; 16];
-            h[..4].copy_from_slice(&kind.to_le_bytes());
-            h[8..].copy_from_slice(&(first_sector + start).to_le_bytes());
-            mem.write(slot.header, &h).expect("guest RAM");
+            let kind = if write { RequestType::Out } else { RequestType::In };
+            let h = RequestHeader::new(kind, first_sector + start);
+            mem.write(slot.header, &h.to_bytes()).expect("guest RAM");
             mem.write(slot.status, &[0xff]).expect("guest RAM");
             let len = n as usize * SECTOR;
             if write {

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 
 use vmio::testing::RecordingIrq;
-use vmio::testing::{Buf, DirectIo, Expect, Hostile, HostileEnv, InitOptions, MmioDriver};
+use vmio::testing::{
+    BlkRequest, Buf, DirectIo, Expect, Hostile, HostileEnv, InitOptions, MmioDriver,
+};
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
 use vmio::virtio::spec::blk::{S_OK, T_IN, T_OUT};
 use vmio::virtio::spec::features::{
@@ -33,14 +35,9 @@ fn request<R: vmio::testing::RegisterIo>(
     kind: u32,
     sector: u64,
 ) -> (u8, u32) {
-    let mut h = [0u8; 16];
-    h[..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..].copy_from_slice(&sector.to_le_bytes());
-    ram.write(HDR, &h).unwrap();
-    ram.write(STATUS, &[0xff]).unwrap();
     let data = Buf { addr: DATA, len: 512, writable: kind == T_IN };
-    let head =
-        drv.submit(ram, 0, &[Buf::readable(HDR, 16), data, Buf::writable(STATUS, 1)]).unwrap();
+    let bufs = BlkRequest::raw(kind, sector).data(&[data]).place(ram, HDR, STATUS).unwrap();
+    let head = drv.submit(ram, 0, &bufs).unwrap();
     drv.notify(0).unwrap();
     let (id, len) = drv.queue(0).pop_used(ram).unwrap().expect("request completed");
     assert_eq!(id, u32::from(head));

@@ -322,14 +322,14 @@ impl<B: BlockBackend> VirtioDevice for VirtioBlk<B> {
 mod tests {
     use super::*;
     use crate::GuestRam;
-    use crate::testing::{Buf, GuestAlloc, GuestQueue};
+    use crate::testing::{BackendOp, BlkRequest, Buf, FaultyDisk, GuestAlloc, GuestQueue};
     use crate::testing::{IrqEvent, RecordingIrq};
     use crate::virtio::spec::blk::features::*;
     use crate::virtio::spec::blk::{S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT};
     use crate::virtio::spec::features::*;
     use alloc::vec;
     use alloc::vec::Vec;
-    use core::sync::atomic::AtomicU32;
+    use core::cell::Cell;
 
     const RAM_BASE: u64 = 0x8000_0000;
     const RAM_SIZE: u64 = 4 << 20;
@@ -381,18 +381,10 @@ mod tests {
 
         /// Adds a request and returns (head, status address).
         fn add(&mut self, q: usize, kind: u32, sector: u64, data: &[Buf]) -> (u16, u64) {
-            let hdr = self.alloc.alloc(16, 16);
-            let mut h = [0u8; 16];
-            h[..4].copy_from_slice(&kind.to_le_bytes());
-            h[8..].copy_from_slice(&sector.to_le_bytes());
-            self.mem.write(hdr, &h).unwrap();
-            let status = self.alloc.alloc(1, 1);
-            self.mem.write(status, &[0xff]).unwrap();
-            let mut bufs = vec![Buf::readable(hdr, 16)];
-            bufs.extend_from_slice(data);
-            bufs.push(Buf::writable(status, 1));
-            let head = self.queues[q].add(&*self.mem, &bufs).unwrap();
-            (head, status)
+            BlkRequest::raw(kind, sector)
+                .data(data)
+                .add(&*self.mem, &mut self.alloc, &mut self.queues[q])
+                .unwrap()
         }
 
         /// Runs one request to completion on queue `q`: (status, used len).
@@ -477,26 +469,9 @@ mod tests {
         assert_eq!(f & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
 
         // A backend without flush or discard: neither offered, nor WCE.
-        struct Plain(RamDisk);
-        impl BlockBackend for Plain {
-            fn size(&self) -> u64 {
-                self.0.size()
-            }
-            fn features(&self) -> BackendFeatures {
-                BackendFeatures::default()
-            }
-            fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), BackendError> {
-                self.0.read_at(o, b)
-            }
-            fn write_at(&self, o: u64, b: &[u8]) -> Result<(), BackendError> {
-                self.0.write_at(o, b)
-            }
-            fn flush(&self) -> Result<(), BackendError> {
-                Err(BackendError::Unsupported)
-            }
-        }
         let cfg = BlkConfig { topology: Some(Topology::default()), ..Default::default() };
-        let f = VirtioBlk::new(Plain(RamDisk::new(1 << 20)), cfg).unwrap().features();
+        let plain = FaultyDisk::ram(1 << 20).with_features(BackendFeatures::default());
+        let f = VirtioBlk::new(plain, cfg).unwrap().features();
         let missing = VIRTIO_BLK_F_FLUSH
             | VIRTIO_BLK_F_CONFIG_WCE
             | VIRTIO_BLK_F_DISCARD
@@ -761,40 +736,25 @@ mod tests {
         assert_eq!(err.unwrap_err(), ActivateError::MissingQueue(0));
     }
 
-    /// RAM disk counting flushes, failing reads of sector 13.
-    struct Counting {
-        disk: RamDisk,
-        flushes: AtomicU32,
-    }
-    impl BlockBackend for Counting {
-        fn size(&self) -> u64 {
-            self.disk.size()
-        }
-        fn features(&self) -> BackendFeatures {
-            self.disk.features()
-        }
-        fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), BackendError> {
-            if o == 13 * 512 {
-                return Err(BackendError::Io { op: "read", os_error: Some(5) });
+    /// A RAM disk whose sector 13 is unreadable.
+    fn sector_13_unreadable() -> FaultyDisk {
+        FaultyDisk::ram(1 << 20).on(|op| match op {
+            BackendOp::Read { offset, .. } if offset == 13 * 512 => {
+                Err(BackendError::Io { op: "read", os_error: Some(5) })
             }
-            self.disk.read_at(o, b)
-        }
-        fn write_at(&self, o: u64, b: &[u8]) -> Result<(), BackendError> {
-            self.disk.write_at(o, b)
-        }
-        fn flush(&self) -> Result<(), BackendError> {
-            self.flushes.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        }
+            _ => Ok(()),
+        })
     }
 
     #[test]
     fn cache_mode_and_backend_errors() {
-        let backend = Counting { disk: RamDisk::new(1 << 20), flushes: AtomicU32::new(0) };
-        let mut rig = Rig::new(backend, BlkConfig::default());
+        let mut rig = Rig::new(sector_13_unreadable(), BlkConfig::default());
         let f = all_features(&rig.blk);
         rig.activate(f);
-        let flushes = |rig: &Rig<Counting>| rig.blk.backend().flushes.load(Ordering::Relaxed);
+        let flushes_before = Cell::new(0);
+        let flushes = |rig: &Rig<FaultyDisk>| {
+            rig.blk.backend().count(BackendOp::Flush) - flushes_before.get()
+        };
         let buf = rig.buffer(&[7u8; 512]);
         assert_eq!(rig.request(0, T_OUT, 0, &[Buf::readable(buf, 512)]).0, S_OK);
         assert_eq!(flushes(&rig), 0, "writeback: no flush per write");
@@ -808,7 +768,7 @@ mod tests {
 
         // A driver that did not negotiate FLUSH gets writethrough.
         rig.blk.reset();
-        rig.blk.backend().flushes.store(0, Ordering::Relaxed);
+        flushes_before.set(rig.blk.backend().count(BackendOp::Flush));
         for q in &mut rig.queues {
             q.init(&*rig.mem).unwrap();
         }
@@ -825,15 +785,12 @@ mod tests {
         let data = [0x3cu8; 1024];
         let buf = rig.buffer(&data);
         // An indirect chain.
-        let hdr = rig.buffer(&{
-            let mut h = [0u8; 16];
-            h[..4].copy_from_slice(&T_OUT.to_le_bytes());
-            h[8..].copy_from_slice(&4u64.to_le_bytes());
-            h
-        });
-        let status = rig.buffer(&[0xff]);
+        let (hdr, status) = (rig.alloc.alloc(16, 16), rig.alloc.alloc(1, 1));
+        let bufs = BlkRequest::raw(T_OUT, 4)
+            .data(&[Buf::readable(buf, 1024)])
+            .place(&*rig.mem, hdr, status)
+            .unwrap();
         let table = rig.alloc.alloc(48, 16);
-        let bufs = [Buf::readable(hdr, 16), Buf::readable(buf, 1024), Buf::writable(status, 1)];
         let head = rig.queues[0].add_indirect(&*rig.mem, table, &bufs).unwrap();
         // Ask for an interrupt only after two completions.
         rig.queues[0].set_used_event(&*rig.mem, 1).unwrap();

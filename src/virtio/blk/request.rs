@@ -443,10 +443,13 @@ fn read_segments<const N: usize, M: GuestMemory + ?Sized>(
 mod tests {
     use super::*;
     use crate::sync::Mutex;
+    use crate::testing::{BackendOp, FaultyDisk};
     use crate::virtio::blk::backend::{BackendFeatures, RamDisk};
     use crate::virtio::spec::blk::DWZ_FLAG_UNMAP as FLAG_UNMAP;
+    use alloc::sync::Arc;
     use alloc::vec;
     use alloc::vec::Vec;
+    use core::sync::atomic::{AtomicBool, Ordering};
 
     /// Guest memory: 64 KiB at 0x1_0000.
     struct Mem(Mutex<Vec<u8>>);
@@ -822,24 +825,14 @@ mod tests {
         assert!(!zeroed(&rig, 0, 1));
     }
 
-    /// A backend whose every operation fails.
-    struct Broken;
-    impl BlockBackend for Broken {
-        fn size(&self) -> u64 {
-            65536
-        }
-        fn features(&self) -> BackendFeatures {
-            BackendFeatures { flush: true, ..BackendFeatures::default() }
-        }
-        fn read_at(&self, _: u64, _: &mut [u8]) -> Result<(), BackendError> {
-            Err(BackendError::Io { op: "read", os_error: Some(5) })
-        }
-        fn write_at(&self, _: u64, _: &[u8]) -> Result<(), BackendError> {
-            Err(BackendError::Io { op: "write", os_error: Some(5) })
-        }
-        fn flush(&self) -> Result<(), BackendError> {
-            Err(BackendError::Io { op: "flush", os_error: None })
-        }
+    /// A backend whose every operation fails; write-zeroes is not there
+    /// at all.
+    fn broken() -> FaultyDisk {
+        let features = BackendFeatures { flush: true, ..BackendFeatures::default() };
+        FaultyDisk::ram(65536).with_features(features).on(|op| match op {
+            BackendOp::WriteZeroes { .. } => Err(BackendError::Unsupported),
+            _ => Err(BackendError::Io { op: "any", os_error: Some(5) }),
+        })
     }
 
     #[test]
@@ -854,56 +847,36 @@ mod tests {
             rig.mem.put(0x1_2000, &seg(0, 1, 0));
             let c = simple(&rig, kind, 0, len, writable);
             assert_eq!(
-                rig.run_on(&c, Some(&Broken)),
+                rig.run_on(&c, Some(&broken())),
                 Completion { status: Some(want), used_len: 1 }
             );
-        }
-    }
-
-    /// A RAM disk whose flush fails once `fail` is set, counting flushes.
-    struct Flaky {
-        disk: RamDisk,
-        flushes: core::sync::atomic::AtomicU32,
-        fail: bool,
-    }
-    impl BlockBackend for Flaky {
-        fn size(&self) -> u64 {
-            self.disk.size()
-        }
-        fn features(&self) -> BackendFeatures {
-            self.disk.features()
-        }
-        fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), BackendError> {
-            self.disk.read_at(o, b)
-        }
-        fn write_at(&self, o: u64, b: &[u8]) -> Result<(), BackendError> {
-            self.disk.write_at(o, b)
-        }
-        fn flush(&self) -> Result<(), BackendError> {
-            self.flushes.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-            if self.fail { Err(BackendError::Io { op: "flush", os_error: None }) } else { Ok(()) }
         }
     }
 
     #[test]
     fn writethrough_flushes_after_every_write() {
         let mut rig = Rig::new();
-        let mut flaky = Flaky { disk: RamDisk::new(65536), flushes: 0.into(), fail: false };
+        // Flushes fail once `fail` is set.
+        let fail = Arc::new(AtomicBool::new(false));
+        let failing = fail.clone();
+        let flaky = FaultyDisk::ram(65536).on(move |op| match op {
+            // Relaxed: set and read on the test's one thread.
+            BackendOp::Flush if failing.load(Ordering::Relaxed) => {
+                Err(BackendError::Io { op: "flush", os_error: None })
+            }
+            _ => Ok(()),
+        });
         let c = simple(&rig, T_OUT, 0, 512, false);
         assert_eq!(rig.run_on(&c, Some(&flaky)).status, Some(S_OK));
-        assert_eq!(flaky.flushes.load(core::sync::atomic::Ordering::Relaxed), 0, "writeback");
+        assert_eq!(flaky.count(BackendOp::Flush), 0, "writeback");
         rig.writethrough = true;
         assert_eq!(rig.run_on(&c, Some(&flaky)).status, Some(S_OK));
-        assert_eq!(flaky.flushes.load(core::sync::atomic::Ordering::Relaxed), 1, "writethrough");
+        assert_eq!(flaky.count(BackendOp::Flush), 1, "writethrough");
         let c = simple(&rig, T_IN, 0, 512, true);
         assert_eq!(rig.run_on(&c, Some(&flaky)).status, Some(S_OK));
-        assert_eq!(
-            flaky.flushes.load(core::sync::atomic::Ordering::Relaxed),
-            1,
-            "reads do not flush"
-        );
+        assert_eq!(flaky.count(BackendOp::Flush), 1, "reads do not flush");
         // A write whose flush fails is not reported as done.
-        flaky.fail = true;
+        fail.store(true, Ordering::Relaxed);
         let c = simple(&rig, T_OUT, 0, 512, false);
         assert_eq!(rig.run_on(&c, Some(&flaky)).status, Some(S_IOERR));
     }
