@@ -646,6 +646,30 @@ mod tests {
         assert_eq!(rig.request(0, T_IN, 1 << 11, &[Buf::writable(back, 512)]).0, S_IOERR);
     }
 
+    /// A serve issues one full fence (re-arming notifications and deciding
+    /// on the interrupt share it), whatever the batch and with or without
+    /// EVENT_IDX: a lost fence risks a lost wake-up, an extra one costs
+    /// every notify.
+    #[cfg(feature = "std")]
+    #[test]
+    fn a_serve_fences_once() {
+        use crate::virtio::queue::full_fences;
+        for features in [VIRTIO_F_VERSION_1, VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX] {
+            let mut rig = Rig::new(RamDisk::new(1 << 20), BlkConfig::default());
+            rig.activate(features);
+            let buf = rig.buffer(&[0u8; 512]);
+            for batch in [1, 5] {
+                for i in 0..batch {
+                    rig.add(0, T_IN, i, &[Buf::writable(buf, 512)]);
+                }
+                let before = full_fences();
+                rig.blk.serve(0, &QueueStop::new());
+                assert_eq!(full_fences() - before, 1, "batch {batch}, features {features:#x}");
+                while rig.queues[0].pop_used(&*rig.mem).unwrap().is_some() {}
+            }
+        }
+    }
+
     #[test]
     fn batches_complete_in_one_pass() {
         let mut rig = Rig::new(RamDisk::new(1 << 20), BlkConfig::default());

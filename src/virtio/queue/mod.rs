@@ -123,6 +123,28 @@ use crate::virtio::spec::ring::{VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTI
 /// # Ok::<(), Box<dyn core::error::Error>>(())
 /// ```
 ///
+/// A SeqCst fence, counted per thread in unit tests so that a test can tell
+/// a lost fence (a possible lost wake-up) or an added one (a slower path).
+#[inline(always)]
+fn full_fence() {
+    #[cfg(all(test, feature = "std"))]
+    FULL_FENCES.with(|n| n.set(n.get() + 1));
+    fence(Ordering::SeqCst);
+}
+
+#[cfg(all(test, feature = "std"))]
+std::thread_local! {
+    /// Full fences this thread issued through [`full_fence`].
+    pub(crate) static FULL_FENCES: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
+}
+
+/// Full fences the calling thread issued in the queue code so far (unit
+/// tests only).
+#[cfg(all(test, feature = "std"))]
+pub(crate) fn full_fences() -> u32 {
+    FULL_FENCES.with(core::cell::Cell::get)
+}
+
 /// Device side of one split virtqueue.
 ///
 /// Owns the device's ring positions and the set of heads in flight; guest
@@ -471,7 +493,7 @@ impl SplitQueue {
             // re-loading `used.idx`. Skipped when `enable_notification`
             // fenced after the last `used.idx` store: that fence already
             // orders it before this load.
-            fence(Ordering::SeqCst);
+            full_fence();
             self.used_unfenced = false;
         }
         if self.event_idx {
@@ -514,7 +536,7 @@ impl SplitQueue {
         // barrier between storing `avail.idx` and loading `avail_event` /
         // NO_NOTIFY. It also orders every `used.idx` store before it ahead
         // of a later `used_event` load, which `needs_interrupt` relies on.
-        fence(Ordering::SeqCst);
+        full_fence();
         self.used_unfenced = false;
         Ok(self.refresh_avail(mem)? != 0)
     }
@@ -656,6 +678,38 @@ mod tests {
         gq.add(&ram, &[Buf::readable(0x10000, 4)]).unwrap();
         assert!(!gq.needs_notify(&ram, true, old).unwrap());
         assert!(q.enable_notification(&ram).unwrap(), "two chains are waiting");
+    }
+
+    /// One full fence per notification decision, none per pop: the
+    /// drain-publish-rearm-decide sequence a device runs fences once, and an
+    /// interrupt decision without a re-arm after the publish fences itself.
+    #[cfg(feature = "std")]
+    #[test]
+    fn fences_are_exactly_the_handshake_ones() {
+        for features in [0, ALL] {
+            let (ram, mut gq, mut q) = setup(8, features);
+            for _ in 0..3 {
+                gq.add(&ram, &[Buf::writable(0x10000, 4)]).unwrap();
+            }
+            let before = full_fences();
+            q.disable_notification(&ram).unwrap();
+            let mut chain = Chain::new();
+            let mut used = ArrayVec::<(u16, u32), 4>::new();
+            while q.pop_into(&ram, &mut chain).unwrap() {
+                used.push((chain.head(), 4));
+            }
+            assert_eq!(full_fences() - before, 0, "popping fences nothing");
+            q.push_batch(&ram, &used).unwrap();
+            assert!(!q.enable_notification(&ram).unwrap());
+            q.needs_interrupt(&ram).unwrap();
+            assert_eq!(full_fences() - before, 1, "features {features:#x}");
+            // Published after the re-arm: the decision fences on its own.
+            gq.add(&ram, &[Buf::writable(0x10000, 4)]).unwrap();
+            let c = q.pop(&ram).unwrap().unwrap();
+            q.push(&ram, c.head(), 4).unwrap();
+            q.needs_interrupt(&ram).unwrap();
+            assert_eq!(full_fences() - before, 2, "features {features:#x}");
+        }
     }
 
     #[test]
