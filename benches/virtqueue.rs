@@ -21,8 +21,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap};
 use vmio::testing::{Buf, GuestQueue};
-use vmio::virtio::features::VIRTIO_F_RING_EVENT_IDX;
-use vmio::virtio::{Chain, GuestMemory, GuestRam, SplitQueue};
+use vmio::virtio::spec::features::VIRTIO_F_RING_EVENT_IDX;
+use vmio::virtio::{Chain, SplitQueue};
+use vmio::{GuestMemory, GuestRam};
 
 const RAM: u64 = 16 << 20;
 const QSIZE: u16 = 256;

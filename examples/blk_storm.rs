@@ -30,12 +30,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vmio::testing::{Buf, BusIo, GuestAlloc, GuestQueue, InitOptions, MmioDriver};
-use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, S_OK, T_IN, T_OUT, VirtioBlk};
-use vmio::virtio::mmio::regs;
-use vmio::virtio::{
-    CondvarEvent, GuestMemory, GuestRam, IrqLine, MmioTransport, QueueEvent, QueueWorkers, Trigger,
-};
+use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, RequestHeader, RequestType, VirtioBlk};
+use vmio::virtio::spec::blk::S_OK;
+use vmio::virtio::spec::mmio as regs;
+use vmio::virtio::{CondvarEvent, MmioTransport, QueueEvent, QueueWorkers, Trigger};
 use vmio::{Access, Device, DeviceError, IoBus, IoRange, Mmio, Width};
+use vmio::{GuestMemory, GuestRam, IrqLine};
 
 const BLK_BASE: u64 = 0x1000_1000;
 /// Scratch devices come and go in slots above the disk.
@@ -161,11 +161,9 @@ fn vcpu(
             let n = 1 + (rng.next() % MAX_SECTORS as u64);
             let start = j as u64 * stripe + rng.next() % (stripe - n + 1);
             let write = rng.next() % 5 < 3;
-            let kind = if write { T_OUT } else { T_IN };
-            let mut h = [0u8; 16];
-            h[..4].copy_from_slice(&kind.to_le_bytes());
-            h[8..].copy_from_slice(&(first_sector + start).to_le_bytes());
-            mem.write(slot.header, &h).expect("guest RAM");
+            let kind = if write { RequestType::Out } else { RequestType::In };
+            let h = RequestHeader::new(kind, first_sector + start);
+            mem.write(slot.header, &h.to_bytes()).expect("guest RAM");
             mem.write(slot.status, &[0xff]).expect("guest RAM");
             let len = n as usize * SECTOR;
             if write {

@@ -6,13 +6,13 @@
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use vmio::testing::RecordingIrq;
 use vmio::testing::{Buf, GuestAlloc, GuestQueue};
-use vmio::virtio::blk::{
-    BlkConfig, BlockBackend, RamDisk, S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT,
-    VirtioBlk,
-};
-use vmio::virtio::features::VIRTIO_F_VERSION_1;
-use vmio::virtio::{Activation, GuestMemory, GuestRam, RecordingIrq, SplitQueue, VirtioDevice};
+use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, RequestHeader, RequestType, VirtioBlk};
+use vmio::virtio::spec::blk::{S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT};
+use vmio::virtio::spec::features::VIRTIO_F_VERSION_1;
+use vmio::virtio::{Activation, SplitQueue, VirtioDevice};
+use vmio::{GuestMemory, GuestRam};
 
 const RAM: u64 = 0x40_0000;
 const QBASE: u64 = 0x1000;
@@ -132,10 +132,8 @@ proptest! {
             let in_len = if wants_data { r.len } else { 0 };
             // The request stream: header then OUT data, contiguous, then cut.
             let req_addr = alloc.alloc(16 + u64::from(out_len), 16);
-            let mut h = [0u8; 16];
-            h[..4].copy_from_slice(&r.kind.to_le_bytes());
-            h[8..].copy_from_slice(&r.sector.to_le_bytes());
-            ram.write(req_addr, &h).unwrap();
+            let h = RequestHeader::new(RequestType::from_raw(r.kind), r.sector);
+            ram.write(req_addr, &h.to_bytes()).unwrap();
             let data: Vec<u8> = (0..out_len).map(|i| (i as u8).wrapping_mul(31) ^ r.seed).collect();
             ram.write(req_addr + 16, &data).unwrap();
             // The response stream: IN data then the status byte.

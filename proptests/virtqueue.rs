@@ -4,11 +4,10 @@
 
 use proptest::prelude::*;
 use vmio::testing::{Buf, ChainSpec, GuestAlloc, GuestQueue, chain, garbage, queue_size};
-use vmio::virtio::features::{VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX};
+use vmio::virtio::spec::features::{VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX};
 
-use vmio::virtio::{
-    DEFAULT_SEGMENTS, GuestMemory, GuestRam, PopError, QueueConfig, QueueError, SplitQueue,
-};
+use vmio::virtio::{DEFAULT_SEGMENTS, PopError, QueueConfig, QueueError, SplitQueue};
+use vmio::{GuestMemory, GuestRam};
 
 const RAM_END: u64 = 0x20_0000;
 const QBASE: u64 = 0x1000;

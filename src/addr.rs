@@ -334,6 +334,12 @@ mod tests {
         assert!(r.contains(0) && !r.contains(1));
     }
 
+    memory_addr::def_usize_addr! {
+        /// A guest-physical address type of the kind ArceOS hypervisors
+        /// define (axaddrspace's `GuestPhysAddr`).
+        type GuestPhysAddr;
+    }
+
     #[test]
     fn addr_range_converts() {
         let r: AddrRange<memory_addr::PhysAddr> =

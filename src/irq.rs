@@ -1,11 +1,10 @@
-//! Interrupt wiring: how a [`DeviceManager`](crate::DeviceManager) turns a
-//! device's configured `irq` into the [`IrqLine`] the device drives.
+//! Interrupt wiring: the guest interrupt line a device drives, and how a
+//! [`DeviceManager`](crate::DeviceManager) turns a device's configured `irq`
+//! into one. Transport-specific interrupt state (virtio-mmio's
+//! InterruptStatus register) builds on this, in
+//! [`virtio`](crate::virtio::InterruptStatus).
 
-use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
-
-use crate::sync::Mutex;
-use crate::virtio::RecordingIrq;
 
 /// One guest interrupt line, implemented by the VMM (a GIC SPI, an IOAPIC
 /// pin, a PLIC source). Devices drive it directly (the UART) or through a
@@ -28,29 +27,4 @@ pub trait IrqLine: Send + Sync {
 pub trait InterruptController: Send + Sync {
     /// The line for `irq`, or `None` when the controller has no such line.
     fn line(&self, irq: u32) -> Option<Arc<dyn IrqLine>>;
-}
-
-/// An [`InterruptController`] whose every line is a [`RecordingIrq`], for
-/// tests.
-#[derive(Debug, Default)]
-pub struct RecordingController {
-    lines: Mutex<BTreeMap<u32, Arc<RecordingIrq>>>,
-}
-
-impl RecordingController {
-    /// A controller with no lines handed out yet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The recording behind line `irq` (created on first use).
-    pub fn recording(&self, irq: u32) -> Arc<RecordingIrq> {
-        self.lines.lock().entry(irq).or_default().clone()
-    }
-}
-
-impl InterruptController for RecordingController {
-    fn line(&self, irq: u32) -> Option<Arc<dyn IrqLine>> {
-        Some(self.recording(irq))
-    }
 }

@@ -123,6 +123,7 @@ mod devices;
 pub mod docs;
 mod irq;
 mod manager;
+mod memory;
 mod sync;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
@@ -147,8 +148,9 @@ pub use devices::{
     BuildEnv, Built, ConsoleSink, Constructor, DeviceKinds, MAX_RAM_DISK, RX_CAPACITY, Reserved,
     Uart16550, UartOutput, VirtioBlkMmio,
 };
-pub use irq::{InterruptController, IrqLine, RecordingController};
+pub use irq::{InterruptController, IrqLine};
 pub use manager::{
     DeviceInfo, DeviceManager, DeviceManagerBuilder, DispatchError, LogLevel, ManagerError,
     MissPolicy, VcpuIo,
 };
+pub use memory::{GuestMemory, GuestRam, GuestRamError, MemoryError};

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use vmio::virtio::blk::{BlockBackend, RamDisk};
-use vmio::virtio::{GuestMemory, GuestRam};
+use vmio::{GuestMemory, GuestRam};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;

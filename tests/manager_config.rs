@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use vmio::testing::RecordingController;
 use vmio::{
     Access, Built, ConfigErrorKind, Device, DeviceConfig, DeviceError, DeviceKinds, DeviceManager,
-    IoRange, ManagerError, Pio, RecordingController, Reserved, Space, Uart16550, VmDeviceConfig,
-    Width,
+    IoRange, ManagerError, Pio, Reserved, Space, Uart16550, VmDeviceConfig, Width,
 };
 
 /// A VMM-defined kind: a counter that needs a `step` parameter.

@@ -4,11 +4,11 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use vmio::virtio::IrqEvent;
+use vmio::testing::IrqEvent;
+use vmio::testing::RecordingController;
 use vmio::{
     Access, AccessError, Built, ConsoleSink, Device, DeviceConfig, DeviceError, DeviceKinds,
-    DeviceManager, ManagerError, MissPolicy, RecordingController, Space, Uart16550, VmDeviceConfig,
-    Width,
+    DeviceManager, ManagerError, MissPolicy, Space, Uart16550, VmDeviceConfig, Width,
 };
 
 /// Remembers the last access it saw, answers `offset` on reads.

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use vmio::testing::RecordingController;
 use vmio::{
     Access, AccessError, Built, ConfigErrorKind, Device, DeviceConfig, DeviceError, DeviceKinds,
-    DeviceManager, IoRange, ManagerError, Mmio, Pio, RecordingController, Reserved, Space,
-    VmDeviceConfig, Width,
+    DeviceManager, IoRange, ManagerError, Mmio, Pio, Reserved, Space, VmDeviceConfig, Width,
 };
 
 fn uart(name: &str, base: u64) -> DeviceConfig {

@@ -6,14 +6,17 @@
 
 use std::sync::{Arc, Mutex};
 
-use vmio::testing::{Buf, DriverError, GuestAlloc, InitOptions, MmioDriver, RegisterIo};
-use vmio::virtio::blk::{S_OK, T_GET_ID, T_IN, T_OUT};
-use vmio::virtio::features::{VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use vmio::virtio::{GuestMemory, GuestRam, INT_USED_BUFFER};
-use vmio::{
-    ConfigErrorKind, DeviceManager, ManagerError, RecordingController, VirtioBlkMmio,
-    VmDeviceConfig, Width,
+use vmio::testing::RecordingController;
+use vmio::testing::{
+    BlkRequest, Buf, DriverError, GuestAlloc, InitOptions, MmioDriver, RegisterIo,
 };
+use vmio::virtio::spec::blk::{S_OK, T_GET_ID, T_IN, T_OUT};
+use vmio::virtio::spec::features::{
+    VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+use vmio::virtio::spec::interrupt::USED_BUFFER as INT_USED_BUFFER;
+use vmio::{ConfigErrorKind, DeviceManager, ManagerError, VirtioBlkMmio, VmDeviceConfig, Width};
+use vmio::{GuestMemory, GuestRam};
 
 const RAM: u64 = 0x8000_0000;
 const RAM_SIZE: u64 = 4 << 20;
@@ -89,16 +92,9 @@ fn request(
 ) -> (u8, u32) {
     let hdr = alloc.alloc(16, 16);
     let status = alloc.alloc(1, 1);
-    let mut h = [0u8; 16];
-    h[..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..].copy_from_slice(&sector.to_le_bytes());
-    ram.write(hdr, &h).unwrap();
-    ram.write(status, &[0xff]).unwrap();
-    let mut bufs = vec![Buf::readable(hdr, 16)];
-    if let Some((addr, len, writable)) = data {
-        bufs.push(if writable { Buf::writable(addr, len) } else { Buf::readable(addr, len) });
-    }
-    bufs.push(Buf::writable(status, 1));
+    let data: Vec<Buf> =
+        data.map(|(addr, len, writable)| Buf { addr, len, writable }).into_iter().collect();
+    let bufs = BlkRequest::raw(kind, sector).data(&data).place(ram, hdr, status).unwrap();
     let head = drv.submit(ram, queue, &bufs).unwrap();
     drv.notify(queue).unwrap();
     let (id, len) = drv.queue(queue).pop_used(ram).unwrap().expect("request completed");

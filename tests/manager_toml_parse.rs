@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
-use vmio::virtio::GuestRam;
+use vmio::GuestRam;
+use vmio::testing::RecordingController;
 use vmio::{
-    ConfigErrorKind, DeviceConfig, DeviceManager, ParamValue, RecordingController, Space,
-    VirtioBlkMmio, VmDeviceConfig,
+    ConfigErrorKind, DeviceConfig, DeviceManager, ParamValue, Space, VirtioBlkMmio, VmDeviceConfig,
 };
 
 const DEVICE: &str = "[[devices]]\nname = 'd'\nkind = 'reserved'\nbase = 0x1000\nlength = 8\n";

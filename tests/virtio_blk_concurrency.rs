@@ -24,10 +24,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use glue::{T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES, bring_up, dwz_segment, guest_ram};
-use vmio::virtio::blk::{
-    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, S_IOERR, S_OK, VirtioBlk,
-};
-use vmio::virtio::{ActivateError, Activation, MmioTransport, RecordingIrq, Trigger, VirtioDevice};
+use vmio::testing::{BackendOp, FaultyDisk, RecordingIrq};
+use vmio::virtio::blk::{BackendError, BlkConfig, BlockBackend, RamDisk, VirtioBlk};
+use vmio::virtio::spec::blk::{S_IOERR, S_OK};
+use vmio::virtio::{ActivateError, Activation, MmioTransport, Trigger, VirtioDevice};
 use vmio::{IoBus, IoRange, Mmio};
 
 const BASE: u64 = 0x1000_0000;
@@ -41,10 +41,9 @@ fn plug(device: impl VirtioDevice + 'static) -> IoBus<Mmio> {
     bus
 }
 
-/// A RAM disk whose reads complete only when `parties` reads are inside it
+/// Makes a disk's reads complete only when `parties` reads are inside it
 /// at the same moment.
 struct Rendezvous {
-    disk: RamDisk,
     parties: usize,
     timeout: Duration,
     /// (generation, arrived in this generation)
@@ -57,7 +56,6 @@ struct Rendezvous {
 impl Rendezvous {
     fn new(parties: usize, timeout: Duration) -> Self {
         Rendezvous {
-            disk: RamDisk::new(1 << 20),
             parties,
             timeout,
             state: Mutex::new((0, 0)),
@@ -95,24 +93,16 @@ impl Rendezvous {
     }
 }
 
-impl BlockBackend for Rendezvous {
-    fn size(&self) -> u64 {
-        self.disk.size()
-    }
-    fn features(&self) -> BackendFeatures {
-        self.disk.features()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        if !self.meet() {
-            return Err(BackendError::Io { op: "rendezvous timed out", os_error: None });
-        }
-        self.disk.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
-        self.disk.write_at(offset, buf)
-    }
-    fn flush(&self) -> Result<(), BackendError> {
-        Ok(())
+impl Rendezvous {
+    /// A 1 MiB disk whose reads first meet at `rendezvous`.
+    fn disk(rendezvous: &Arc<Rendezvous>) -> Arc<FaultyDisk> {
+        let r = rendezvous.clone();
+        Arc::new(FaultyDisk::ram(1 << 20).on(move |op| match op {
+            BackendOp::Read { .. } if !r.meet() => {
+                Err(BackendError::Io { op: "rendezvous timed out", os_error: None })
+            }
+            _ => Ok(()),
+        }))
     }
 }
 
@@ -137,7 +127,8 @@ fn two_queue_rounds(bus: &IoBus<Mmio>, rounds: usize) -> Vec<u8> {
 #[test]
 fn queues_are_processed_in_parallel() {
     let rounds = if cfg!(miri) { 2 } else { 50 };
-    let backend = Arc::new(Rendezvous::new(2, Duration::from_secs(10)));
+    let rendezvous = Arc::new(Rendezvous::new(2, Duration::from_secs(10)));
+    let backend = Rendezvous::disk(&rendezvous);
     let config = BlkConfig { num_queues: 2, ..BlkConfig::default() };
     let bus = plug(VirtioBlk::new(backend.clone(), config).unwrap());
     let statuses = two_queue_rounds(&bus, rounds);
@@ -146,7 +137,7 @@ fn queues_are_processed_in_parallel() {
         statuses.iter().all(|&s| s == S_OK),
         "a request timed out waiting for the other queue: queues were serialized"
     );
-    assert_eq!(backend.most_inside.load(Ordering::Relaxed), 2);
+    assert_eq!(rendezvous.most_inside.load(Ordering::Relaxed), 2);
 }
 
 /// The device behind one lock: what a device-wide lock would look like.
@@ -190,7 +181,8 @@ impl<D: VirtioDevice> VirtioDevice for Serialized<D> {
 fn queues_are_processed_in_parallel_detects_serialization() {
     // The same test against a device-wide lock must fail (quickly, with a
     // short rendezvous timeout): every round one request times out.
-    let backend = Arc::new(Rendezvous::new(2, Duration::from_millis(50)));
+    let rendezvous = Arc::new(Rendezvous::new(2, Duration::from_millis(50)));
+    let backend = Rendezvous::disk(&rendezvous);
     let config = BlkConfig { num_queues: 2, ..BlkConfig::default() };
     let device = Serialized {
         inner: VirtioBlk::new(backend.clone(), config).unwrap(),
@@ -198,7 +190,7 @@ fn queues_are_processed_in_parallel_detects_serialization() {
     };
     let statuses = two_queue_rounds(&plug(device), 3);
     assert!(statuses.contains(&S_IOERR), "serialized queues went unnoticed: {statuses:?}");
-    assert_eq!(backend.most_inside.load(Ordering::Relaxed), 1);
+    assert_eq!(rendezvous.most_inside.load(Ordering::Relaxed), 1);
 }
 
 /// Sectors per extent lock of the workload.

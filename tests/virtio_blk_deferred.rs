@@ -34,51 +34,25 @@ use std::time::{Duration, Instant};
 
 use glue::{BusTransport, GuestHal, T_FLUSH, T_IN, T_OUT, bring_up, guest_ram};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
-use vmio::virtio::blk::{
-    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, S_OK, VirtioBlk,
-};
-use vmio::virtio::{
-    CondvarEvent, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvent, QueueWorkers, Trigger,
-};
+use vmio::testing::{BackendOp, FaultyDisk};
+use vmio::virtio::blk::{BackendError, BlkConfig, BlockBackend, RamDisk, VirtioBlk};
+use vmio::virtio::spec::blk::S_OK;
+use vmio::virtio::spec::mmio::QUEUE_NOTIFY;
+use vmio::virtio::{CondvarEvent, MmioTransport, QueueEvent, QueueWorkers, Trigger};
 use vmio::{Access, Device, DeviceError, IoBus, IoRange, IrqLine, Mmio, Width};
 
 const BASE: u64 = 0x1000_0000;
 
 /// A RAM disk that records the name of every thread that calls it.
-struct Traced {
-    disk: RamDisk,
-    threads: Mutex<Vec<String>>,
-}
-
-impl Traced {
-    fn new(size: u64) -> Self {
-        Traced { disk: RamDisk::new(size), threads: Mutex::new(Vec::new()) }
-    }
-    fn note(&self) {
+fn traced(size: u64) -> (Arc<FaultyDisk>, Arc<Mutex<Vec<String>>>) {
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    let seen = threads.clone();
+    let disk = FaultyDisk::ram(size).on(move |_| {
         let name = std::thread::current().name().unwrap_or("<unnamed>").to_owned();
-        self.threads.lock().unwrap().push(name);
-    }
-}
-
-impl BlockBackend for Traced {
-    fn size(&self) -> u64 {
-        self.disk.size()
-    }
-    fn features(&self) -> BackendFeatures {
-        self.disk.features()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.note();
-        self.disk.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
-        self.note();
-        self.disk.write_at(offset, buf)
-    }
-    fn flush(&self) -> Result<(), BackendError> {
-        self.note();
-        self.disk.flush()
-    }
+        seen.lock().unwrap().push(name);
+        Ok(())
+    });
+    (Arc::new(disk), threads)
 }
 
 /// An edge line counting its pulses (what an irqfd write would be).
@@ -123,7 +97,7 @@ fn write_read_verify(driver: &mut VirtIOBlk<GuestHal, BusTransport>, rounds: usi
 #[test]
 fn deferred_virtio_drivers_end_to_end() {
     let rounds = if cfg!(miri) { 8 } else { 200 };
-    let disk = Arc::new(Traced::new(2 << 20));
+    let (disk, calls) = traced(2 << 20);
     // Two queues, two workers; the driver uses queue 0 (it does not do MQ),
     // queue 1's worker must stay harmlessly idle.
     let config = BlkConfig { num_queues: 2, ..BlkConfig::default() }.with_id("deferred");
@@ -143,10 +117,10 @@ fn deferred_virtio_drivers_end_to_end() {
     assert_eq!(&id[..len], b"deferred");
 
     let mut on_disk = vec![0u8; shadow.len()];
-    disk.disk.read_at(0, &mut on_disk).unwrap();
+    disk.inner().read_at(0, &mut on_disk).unwrap();
     assert!(on_disk == shadow, "backend differs from the driver's shadow");
     // Every backend call ran on queue 0's worker, none on the vCPU.
-    let threads = std::mem::take(&mut *disk.threads.lock().unwrap());
+    let threads = std::mem::take(&mut *calls.lock().unwrap());
     assert!(!threads.is_empty());
     assert!(
         threads.iter().all(|t| t == "vmio-queue-0"),
@@ -165,7 +139,7 @@ fn deferred_virtio_drivers_end_to_end() {
     driver.read_blocks(8, &mut back).unwrap();
     assert_eq!(back, data);
     let me = std::thread::current().name().map(str::to_owned);
-    let threads = std::mem::take(&mut *disk.threads.lock().unwrap());
+    let threads = std::mem::take(&mut *calls.lock().unwrap());
     assert!(
         !threads.is_empty() && threads.iter().all(|t| Some(t) == me.as_ref()),
         "after shutdown the vCPU serves inline: {threads:?}"
@@ -203,7 +177,7 @@ impl<D: vmio::virtio::VirtioDevice> Device for IoEventFd<D> {
         self.transport.read(access)
     }
     fn write(&self, access: Access, value: u64) -> Result<(), DeviceError> {
-        if access.offset == QUEUE_NOTIFY_OFFSET
+        if access.offset == QUEUE_NOTIFY
             && let Some(ev) = usize::try_from(value).ok().and_then(|q| self.events.get(q))
         {
             // Relaxed: a counter read after the fact.
@@ -218,7 +192,7 @@ impl<D: vmio::virtio::VirtioDevice> Device for IoEventFd<D> {
 #[test]
 fn ioeventfd_notifies_that_never_reach_the_transport() {
     let rounds = if cfg!(miri) { 4 } else { 50 };
-    let disk = Arc::new(Traced::new(1 << 20));
+    let (disk, _) = traced(1 << 20);
     let blk = VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap();
     let line = Arc::new(CountingLine::default());
     let transport = Arc::new(MmioTransport::new(blk, guest_ram(), line, Trigger::Edge));
@@ -236,10 +210,10 @@ fn ioeventfd_notifies_that_never_reach_the_transport() {
     drop(workers);
 }
 
-/// A RAM disk whose flushes block while the gate is closed, and whose first
-/// `parties` reads only complete once that many are inside at once.
+/// What makes a [`FaultyDisk`] slow: flushes block while the gate is
+/// closed, and the first `parties` reads only complete once that many are
+/// inside the backend at once.
 struct Slow {
-    disk: RamDisk,
     closed: Mutex<bool>,
     cv: Condvar,
     /// Flushes that reached the backend.
@@ -252,9 +226,9 @@ struct Slow {
 }
 
 impl Slow {
-    fn new(size: u64, parties: usize) -> Self {
-        Slow {
-            disk: RamDisk::new(size),
+    /// The state, and a disk of `size` bytes that obeys it.
+    fn disk(size: u64, parties: usize) -> (Arc<FaultyDisk>, Arc<Slow>) {
+        let slow = Arc::new(Slow {
             closed: Mutex::new(true),
             cv: Condvar::new(),
             flushing: AtomicUsize::new(0),
@@ -262,7 +236,17 @@ impl Slow {
             met: Condvar::new(),
             inside: AtomicUsize::new(0),
             most_inside: AtomicUsize::new(0),
-        }
+        });
+        let state = slow.clone();
+        let disk = FaultyDisk::ram(size).on(move |op| match op {
+            BackendOp::Read { .. } => state.read(),
+            BackendOp::Flush => {
+                state.flush();
+                Ok(())
+            }
+            _ => Ok(()),
+        });
+        (Arc::new(disk), slow)
     }
     fn open(&self) {
         *self.closed.lock().unwrap() = false;
@@ -276,22 +260,12 @@ impl Slow {
             std::thread::yield_now();
         }
     }
-}
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-impl BlockBackend for Slow {
-    fn size(&self) -> u64 {
-        self.disk.size()
-    }
-    fn features(&self) -> BackendFeatures {
-        self.disk.features()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+    fn read(&self) -> Result<(), BackendError> {
         // Relaxed: statistics, read after the threads are joined.
         let now = self.inside.fetch_add(1, Ordering::Relaxed) + 1;
         self.most_inside.fetch_max(now, Ordering::Relaxed);
         let mut m = self.meet.lock().unwrap();
+        let mut result = Ok(());
         if m.0 > 0 {
             m.1 += 1;
             if m.1 == m.0 {
@@ -303,29 +277,24 @@ impl BlockBackend for Slow {
                 m = g;
                 if r.timed_out() {
                     m.1 -= 1;
-                    drop(m);
-                    self.inside.fetch_sub(1, Ordering::Relaxed);
-                    return Err(BackendError::Io { op: "no other queue came", os_error: None });
+                    result = Err(BackendError::Io { op: "no other queue came", os_error: None });
                 }
             }
         }
         drop(m);
-        let r = self.disk.read_at(offset, buf);
         self.inside.fetch_sub(1, Ordering::Relaxed);
-        r
+        result
     }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
-        self.disk.write_at(offset, buf)
-    }
-    fn flush(&self) -> Result<(), BackendError> {
+    fn flush(&self) {
         self.flushing.fetch_add(1, Ordering::Release);
         let mut closed = self.closed.lock().unwrap();
         while *closed {
             closed = self.cv.wait(closed).unwrap();
         }
-        Ok(())
     }
 }
+
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A device that answers every read with a constant.
 struct Constant;
@@ -343,7 +312,8 @@ const OTHER: u64 = 0x2000_0000;
 /// A bus with a virtio-blk over `disk` at `BASE` and a [`Constant`] at
 /// `OTHER`, and one vCPU thread sending a FLUSH that blocks in the backend.
 fn flush_blocked(
-    disk: Arc<Slow>,
+    disk: Arc<FaultyDisk>,
+    slow: &Slow,
     deferred: bool,
 ) -> (IoBus<Mmio>, vmio::DeviceId, Option<QueueWorkers>, std::thread::JoinHandle<u8>) {
     let blk = VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap();
@@ -359,14 +329,14 @@ fn flush_blocked(
         let mut q = q.attach();
         q.request(T_FLUSH, 0, &[], &mut []).0
     });
-    disk.wait_flushing();
+    slow.wait_flushing();
     (bus, other, workers, vcpu)
 }
 
 #[test]
 fn unplug_and_dispatch_go_on_while_a_worker_flushes() {
-    let disk = Arc::new(Slow::new(1 << 20, 0));
-    let (bus, other, workers, vcpu) = flush_blocked(disk.clone(), true);
+    let (disk, slow) = Slow::disk(1 << 20, 0);
+    let (bus, other, workers, vcpu) = flush_blocked(disk, &slow, true);
 
     // vCPUs keep dispatching, to the flushing device too.
     let mut h = bus.handle(7);
@@ -374,7 +344,7 @@ fn unplug_and_dispatch_go_on_while_a_worker_flushes() {
         assert_eq!(h.read(OTHER, Width::U32).unwrap(), 0x5a);
         assert_eq!(h.read(BASE, Width::U32).unwrap(), 0x7472_6976, "magic");
         // A notify on the busy queue returns at once (it only signals).
-        h.write(BASE + QUEUE_NOTIFY_OFFSET, Width::U32, 0).unwrap();
+        h.write(BASE + QUEUE_NOTIFY, Width::U32, 0).unwrap();
     }
     drop(h);
 
@@ -390,7 +360,7 @@ fn unplug_and_dispatch_go_on_while_a_worker_flushes() {
     waiter.join().unwrap();
     assert!(bus.read(OTHER, Width::U32).is_err(), "the other device is gone");
 
-    disk.open();
+    slow.open();
     assert_eq!(vcpu.join().unwrap(), S_OK, "the flush completed");
     drop(workers);
 }
@@ -399,32 +369,32 @@ fn unplug_and_dispatch_go_on_while_a_worker_flushes() {
 fn inline_flush_holds_up_unplug_control() {
     // The same scene served inline: the vCPU is inside the bus's read
     // section for the whole flush, so no unplug on that bus can complete.
-    let disk = Arc::new(Slow::new(1 << 20, 0));
-    let (bus, other, workers, vcpu) = flush_blocked(disk.clone(), false);
+    let (disk, slow) = Slow::disk(1 << 20, 0);
+    let (bus, other, workers, vcpu) = flush_blocked(disk, &slow, false);
     assert!(workers.is_none());
     let unplug = bus.unregister(other).unwrap();
     for _ in 0..100 {
         assert!(!unplug.poll(), "unplug completed while a vCPU was inside the bus");
     }
-    disk.open();
+    slow.open();
     assert_eq!(vcpu.join().unwrap(), S_OK);
     unplug.wait().unwrap();
 }
 
 #[test]
 fn unplug_the_device_itself_mid_flush() {
-    let disk = Arc::new(Slow::new(1 << 20, 0));
-    let (bus, _, workers, vcpu) = flush_blocked(disk.clone(), true);
+    let (disk, slow) = Slow::disk(1 << 20, 0);
+    let (bus, _, workers, vcpu) = flush_blocked(disk, &slow, true);
     let id = bus.lookup(BASE).unwrap().0;
     // Serves run outside the bus: the unplug completes at once...
     bus.unregister(id).unwrap().wait().unwrap();
     // ...and shutting the workers down waits for the flush in progress,
     // which completes and is published (the driver's poll sees it).
     let opener = {
-        let disk = disk.clone();
+        let slow = slow.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
-            disk.open();
+            slow.open();
         })
     };
     workers.unwrap().shutdown();
@@ -438,8 +408,8 @@ fn two_queues_served_by_two_workers_at_once_match_shadow() {
     let ops = if cfg!(miri) { 10 } else { 300 };
     // The first read of each queue completes only while the other queue's
     // read is inside the backend too: serialized workers fail the request.
-    let disk = Arc::new(Slow::new(2 << 20, usize::from(QUEUES)));
-    disk.open();
+    let (disk, slow) = Slow::disk(2 << 20, usize::from(QUEUES));
+    slow.open();
     let sectors = disk.size() as usize / SECTOR_SIZE;
     let config = BlkConfig { num_queues: QUEUES, ..BlkConfig::default() };
     let blk = VirtioBlk::new(disk.clone(), config).unwrap();
@@ -493,10 +463,10 @@ fn two_queues_served_by_two_workers_at_once_match_shadow() {
         })
         .collect();
     let shadows: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    assert_eq!(disk.most_inside.load(Ordering::Relaxed), 2, "the workers never overlapped");
+    assert_eq!(slow.most_inside.load(Ordering::Relaxed), 2, "the workers never overlapped");
     for (base, shadow) in shadows {
         let mut on_disk = vec![0u8; shadow.len()];
-        disk.disk.read_at((base * SECTOR_SIZE) as u64, &mut on_disk).unwrap();
+        disk.read_at((base * SECTOR_SIZE) as u64, &mut on_disk).unwrap();
         assert!(on_disk == shadow, "backend differs from the shadow of sectors {base}..");
     }
     workers.shutdown();

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use glue::{BusTransport, GuestHal, guest_ram};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::transport::{DeviceType, Transport};
+use vmio::testing::RecordingIrq;
 use vmio::virtio::blk::{BlkConfig, BlockBackend, FileDisk, RamDisk, VirtioBlk};
-use vmio::virtio::{MmioTransport, RecordingIrq, Trigger};
+use vmio::virtio::{MmioTransport, Trigger};
 use vmio::{IoBus, IoRange, Mmio};
 
 const BASE: u64 = 0x1000_0000;

@@ -6,13 +6,19 @@
 
 use std::sync::Arc;
 
-use vmio::testing::{Buf, DirectIo, Expect, Hostile, HostileEnv, InitOptions, MmioDriver};
-use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, S_OK, T_IN, T_OUT, VirtioBlk};
-use vmio::virtio::features::{VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use vmio::virtio::status::DEVICE_NEEDS_RESET;
-use vmio::virtio::{
-    GuestMemory, GuestRam, INT_CONFIG_CHANGE, MmioTransport, RecordingIrq, Trigger,
+use vmio::testing::RecordingIrq;
+use vmio::testing::{
+    BlkRequest, Buf, DirectIo, Expect, Hostile, HostileEnv, InitOptions, MmioDriver,
 };
+use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
+use vmio::virtio::spec::blk::{S_OK, T_IN, T_OUT};
+use vmio::virtio::spec::features::{
+    VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+use vmio::virtio::spec::interrupt::CONFIG_CHANGE as INT_CONFIG_CHANGE;
+use vmio::virtio::spec::status::DEVICE_NEEDS_RESET;
+use vmio::virtio::{MmioTransport, Trigger};
+use vmio::{GuestMemory, GuestRam};
 
 const RAM_END: u64 = 0x10_0000;
 const QBASE: u64 = 0x1000;
@@ -29,14 +35,9 @@ fn request<R: vmio::testing::RegisterIo>(
     kind: u32,
     sector: u64,
 ) -> (u8, u32) {
-    let mut h = [0u8; 16];
-    h[..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..].copy_from_slice(&sector.to_le_bytes());
-    ram.write(HDR, &h).unwrap();
-    ram.write(STATUS, &[0xff]).unwrap();
     let data = Buf { addr: DATA, len: 512, writable: kind == T_IN };
-    let head =
-        drv.submit(ram, 0, &[Buf::readable(HDR, 16), data, Buf::writable(STATUS, 1)]).unwrap();
+    let bufs = BlkRequest::raw(kind, sector).data(&[data]).place(ram, HDR, STATUS).unwrap();
+    let head = drv.submit(ram, 0, &bufs).unwrap();
     drv.notify(0).unwrap();
     let (id, len) = drv.queue(0).pop_used(ram).unwrap().expect("request completed");
     assert_eq!(id, u32::from(head));

@@ -19,8 +19,10 @@ use glue::{BusTransport, GuestHal, RAM_BASE, RAM_SIZE, T_IN, T_OUT, bring_up, gu
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::transport::{DeviceType, Transport};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmio::GuestMemory;
+use vmio::testing::RecordingIrq;
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
-use vmio::virtio::{GuestMemory, MmioTransport, RecordingIrq, Trigger};
+use vmio::virtio::{MmioTransport, Trigger};
 use vmio::{IoBus, IoRange, Mmio};
 
 const BASE: u64 = 0x1000_0000;

@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use vmio::IrqLine;
 use vmio::testing::{Buf, DirectIo, InitOptions, MmioDriver};
-use vmio::virtio::features::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
+use vmio::virtio::spec::features::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
 use vmio::virtio::{
-    ActivateError, Activation, Chain, GuestMemory, GuestRam, Interrupt, InterruptCause,
-    MmioTransport, SplitQueue, Trigger, VirtioDevice,
+    ActivateError, Activation, Chain, Interrupt, InterruptCause, MmioTransport, SplitQueue,
+    Trigger, VirtioDevice,
 };
+use vmio::{GuestMemory, GuestRam};
 
 const RAM_SIZE: u64 = 0x10_0000;
 const TIMEOUT: Duration = Duration::from_secs(20);

@@ -29,18 +29,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use vmio::testing::{Buf, DirectIo, GuestAlloc, GuestQueue, InitOptions, MmioDriver};
-use vmio::virtio::blk::{
-    BackendError, BackendFeatures, BlkConfig, BlockBackend, RamDisk, S_OK, T_OUT, VirtioBlk,
+use vmio::testing::{
+    BackendOp, BlkRequest, Buf, DirectIo, FaultyDisk, GuestAlloc, GuestQueue, InitOptions,
+    MmioDriver, RecordingIrq,
 };
-use vmio::virtio::features::VIRTIO_F_VERSION_1;
-use vmio::virtio::mmio::regs;
-use vmio::virtio::status::DEVICE_NEEDS_RESET;
+use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, RequestType, VirtioBlk};
+use vmio::virtio::spec::blk::S_OK;
+use vmio::virtio::spec::features::VIRTIO_F_VERSION_1;
+use vmio::virtio::spec::interrupt::USED_BUFFER as INT_USED_BUFFER;
+use vmio::virtio::spec::mmio as regs;
+use vmio::virtio::spec::status::DEVICE_NEEDS_RESET;
 use vmio::virtio::{
-    ActivateError, Activation, CondvarEvent, GuestMemory, GuestRam, INT_USED_BUFFER, MemoryError,
-    MmioTransport, QueueEvent, QueueStop, QueueWorkers, RecordingIrq, Trigger, VirtioDevice,
+    ActivateError, Activation, CondvarEvent, MmioTransport, QueueEvent, QueueStop, QueueWorkers,
+    Trigger, VirtioDevice,
 };
 use vmio::{Access, Device, Width};
+use vmio::{GuestMemory, GuestRam, MemoryError};
 
 const RAM: u64 = 0x4000_0000;
 const RAM_SIZE: u64 = 0x20_0000;
@@ -120,15 +124,14 @@ impl Requests {
     /// address of its status byte (preset to 0xff).
     fn write(&mut self, sector: u64, byte: u8) -> ([Buf; 3], u64) {
         let hdr = self.alloc.alloc(16, 16);
-        let mut h = [0u8; 16];
-        h[..4].copy_from_slice(&T_OUT.to_le_bytes());
-        h[8..].copy_from_slice(&sector.to_le_bytes());
-        self.ram.write(hdr, &h).unwrap();
         let data = self.alloc.alloc(512, 512);
         self.ram.write(data, &[byte; 512]).unwrap();
         let status = self.alloc.alloc(1, 1);
-        self.ram.write(status, &[0xff]).unwrap();
-        ([Buf::readable(hdr, 16), Buf::readable(data, 512), Buf::writable(status, 1)], status)
+        let bufs = BlkRequest::new(RequestType::Out, sector)
+            .data(&[Buf::readable(data, 512)])
+            .place(&*self.ram, hdr, status)
+            .unwrap();
+        (bufs.try_into().expect("header, data, status"), status)
     }
 
     fn status(&self, at: u64) -> u8 {
@@ -417,10 +420,9 @@ fn valid_requests_before_a_ring_breaking_entry_complete() {
     assert_ne!(drv.status().unwrap() & DEVICE_NEEDS_RESET, 0);
 }
 
-/// A RAM disk whose writes block while the gate is closed, counting the
-/// writes it executed.
+/// What holds a [`FaultyDisk`]'s writes: they block while the gate is
+/// closed; `writes` counts those that went through.
 struct Gated {
-    disk: RamDisk,
     closed: Mutex<bool>,
     cv: Condvar,
     entered: AtomicUsize,
@@ -428,40 +430,24 @@ struct Gated {
 }
 
 impl Gated {
-    fn new() -> Self {
-        Gated {
-            disk: RamDisk::new(1 << 20),
+    /// The gate (closed), and a 1 MiB disk behind it.
+    fn disk() -> (Arc<FaultyDisk>, Arc<Gated>) {
+        let gate = Arc::new(Gated {
             closed: Mutex::new(true),
             cv: Condvar::new(),
             entered: 0.into(),
             writes: 0.into(),
-        }
+        });
+        let state = gate.clone();
+        let disk = FaultyDisk::ram(1 << 20).on(move |op| {
+            if let BackendOp::Write { .. } = op {
+                state.pass();
+            }
+            Ok(())
+        });
+        (Arc::new(disk), gate)
     }
-    fn open(&self) {
-        *self.closed.lock().unwrap() = false;
-        self.cv.notify_all();
-    }
-    fn wait_entered(&self) {
-        let deadline = Instant::now() + DEADLINE;
-        // Acquire: pairs with the Release increment in `write_at`.
-        while self.entered.load(Ordering::Acquire) == 0 {
-            assert!(Instant::now() < deadline, "the worker never reached the backend");
-            std::thread::yield_now();
-        }
-    }
-}
-
-impl BlockBackend for Gated {
-    fn size(&self) -> u64 {
-        self.disk.size()
-    }
-    fn features(&self) -> BackendFeatures {
-        self.disk.features()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.disk.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
+    fn pass(&self) {
         self.entered.fetch_add(1, Ordering::Release);
         let mut closed = self.closed.lock().unwrap();
         while *closed {
@@ -470,10 +456,18 @@ impl BlockBackend for Gated {
         drop(closed);
         // Relaxed: a counter read after the threads are joined.
         self.writes.fetch_add(1, Ordering::Relaxed);
-        self.disk.write_at(offset, buf)
     }
-    fn flush(&self) -> Result<(), BackendError> {
-        Ok(())
+    fn open(&self) {
+        *self.closed.lock().unwrap() = false;
+        self.cv.notify_all();
+    }
+    fn wait_entered(&self) {
+        let deadline = Instant::now() + DEADLINE;
+        // Acquire: pairs with the Release increment in `pass`.
+        while self.entered.load(Ordering::Acquire) == 0 {
+            assert!(Instant::now() < deadline, "the worker never reached the backend");
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -481,7 +475,7 @@ impl BlockBackend for Gated {
 fn reset_while_a_worker_is_mid_batch() {
     const BATCH: u64 = 16;
     let ram = Arc::new(GuestRam::new(RAM, RAM_SIZE).unwrap());
-    let disk = Arc::new(Gated::new());
+    let (disk, gate) = Gated::disk();
     let blk = VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap();
     let dev = Arc::new(MmioTransport::new(
         blk,
@@ -503,7 +497,7 @@ fn reset_while_a_worker_is_mid_batch() {
     }
     drv.queue(0).publish(&*ram).unwrap();
     drv.notify(0).unwrap();
-    disk.wait_entered();
+    gate.wait_entered();
 
     // The vCPU resets the device while the worker is inside request 0;
     // the reset waits for that request, not for the whole batch.
@@ -514,7 +508,7 @@ fn reset_while_a_worker_is_mid_batch() {
     // Gives the reset time to arrive mid-request; the checks below hold
     // whichever comes first.
     std::thread::sleep(Duration::from_millis(50));
-    disk.open();
+    gate.open();
     resetter.join().expect("reset panicked");
     assert!(!dev.is_active());
 
@@ -528,14 +522,14 @@ fn reset_while_a_worker_is_mid_batch() {
         seen.push(id);
     }
     assert_eq!(seen.len(), usize::from(used));
-    let executed = disk.writes.load(Ordering::Relaxed);
+    let executed = gate.writes.load(Ordering::Relaxed);
     assert_eq!(executed, seen.len(), "backend writes vs published completions");
     assert!(executed >= 1, "the request in progress completed");
     for (i, (&h, &st)) in heads.iter().zip(&statuses).enumerate() {
         let done = seen.contains(&u32::from(h));
         let byte = reqs.status(st);
         assert_eq!(byte, if done { S_OK } else { 0xff }, "request {i}: status {byte:#x}");
-        let sector = sector_byte_g(&disk, 10 + i as u64);
+        let sector = sector_byte(disk.inner(), 10 + i as u64);
         assert_eq!(sector, if done { 0x40 + i as u8 } else { 0 }, "request {i}: disk");
     }
     eprintln!("reset mid-batch: {executed} of {BATCH} requests completed, the rest cancelled");
@@ -547,12 +541,8 @@ fn reset_while_a_worker_is_mid_batch() {
     drv.submit(&*ram, 0, &bufs).unwrap();
     assert!(wait_used(drv.queue(0), &ram, 1), "no service after re-initialisation");
     assert_eq!(reqs.status(st), S_OK);
-    assert_eq!(sector_byte_g(&disk, 100), 0x99);
+    assert_eq!(sector_byte(disk.inner(), 100), 0x99);
     workers.shutdown();
-}
-
-fn sector_byte_g(disk: &Gated, sector: u64) -> u8 {
-    sector_byte(&disk.disk, sector)
 }
 
 #[test]
@@ -560,7 +550,7 @@ fn unplug_while_a_worker_is_mid_batch() {
     const BATCH: u64 = 16;
     const BASE: u64 = 0x1000_0000;
     let ram = Arc::new(GuestRam::new(RAM, RAM_SIZE).unwrap());
-    let disk = Arc::new(Gated::new());
+    let (disk, gate) = Gated::disk();
     let blk = VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap();
     let dev = Arc::new(MmioTransport::new(
         blk,
@@ -584,7 +574,7 @@ fn unplug_while_a_worker_is_mid_batch() {
     }
     drv.queue(0).publish(&*ram).unwrap();
     drv.notify(0).unwrap();
-    disk.wait_entered();
+    gate.wait_entered();
 
     // The worker is inside request 0: the unplug does not wait for it.
     let unplug = bus.unregister(id).unwrap();
@@ -594,7 +584,7 @@ fn unplug_while_a_worker_is_mid_batch() {
     waiter.join().unwrap();
 
     // Shutting the workers down finishes what the worker had started.
-    disk.open();
+    gate.open();
     workers.shutdown();
     let q = drv.queue(0);
     let mut seen = Vec::new();
@@ -603,9 +593,9 @@ fn unplug_while_a_worker_is_mid_batch() {
         seen.push(id);
     }
     assert_eq!(seen.len() as u64, BATCH, "a request of the batch was lost");
-    assert_eq!(disk.writes.load(Ordering::Relaxed) as u64, BATCH);
+    assert_eq!(gate.writes.load(Ordering::Relaxed) as u64, BATCH);
     for (i, &st) in statuses.iter().enumerate() {
         assert_eq!(reqs.status(st), S_OK, "request {i}");
-        assert_eq!(sector_byte_g(&disk, 10 + i as u64), 0x60 + i as u8);
+        assert_eq!(sector_byte(disk.inner(), 10 + i as u64), 0x60 + i as u8);
     }
 }

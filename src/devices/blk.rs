@@ -4,7 +4,8 @@ use alloc::string::ToString;
 use alloc::sync::Arc;
 
 use crate::config::{ConfigError, ConfigErrorKind, Space};
-use crate::virtio::blk::{BlkConfig, BlkConfigError, BlockBackend, ID_LEN, RamDisk, VirtioBlk};
+use crate::virtio::blk::{BlkConfig, BlkConfigError, BlockBackend, RamDisk, VirtioBlk};
+use crate::virtio::spec::blk::ID_LEN;
 use crate::virtio::{MmioTransport, Trigger};
 
 use super::{BuildEnv, Built};

@@ -358,7 +358,7 @@ mod tests {
 
     use super::*;
     use crate::addr::Width;
-    use crate::virtio::RecordingIrq;
+    use crate::testing::RecordingIrq;
 
     fn at(offset: u64) -> Access {
         Access { offset, addr: 0x3f8 + offset, width: Width::U8, vcpu: None }

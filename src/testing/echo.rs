@@ -5,13 +5,14 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::memory::GuestMemory;
 use crate::sync::Mutex;
-use crate::virtio::features::{
+use crate::virtio::spec::features::{
     VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::virtio::{
-    ActivateError, Activation, GuestMemory, Interrupt, InterruptCause, PopError, QueueStop,
-    SplitQueue, VirtioDevice,
+    ActivateError, Activation, Chain, ChainError, ChainHandler, DescriptorChain, Interrupt,
+    PopError, QueueStop, SplitQueue, VirtioDevice, serve_queue,
 };
 
 /// Device type the echo device reports (a vendor-specific placeholder).
@@ -26,12 +27,16 @@ struct QueueCtx {
     queue: SplitQueue,
     memory: Arc<dyn GuestMemory>,
     irq: Arc<dyn Interrupt>,
+    /// The chain every pop refills.
+    chain: Chain,
 }
 
 /// A virtio device that echoes each request: the readable part of a chain
 /// is copied into its writable part (as far as it fits), and the chain is
-/// returned with the number of bytes copied. Malformed chains come back
-/// with length 0; a broken queue reports DEVICE_NEEDS_RESET.
+/// returned with the number of bytes copied. Queues are served by the same
+/// loop as the crate's virtio-blk device: malformed chains come back with
+/// length 0; a broken queue publishes what completed, reports
+/// DEVICE_NEEDS_RESET and stays broken until a reset.
 ///
 /// Each queue sits behind its own lock, as a real multi-queue device's do.
 pub struct EchoDevice {
@@ -101,52 +106,42 @@ impl EchoDevice {
 
     /// Whether queue `q` is active (set up and not broken).
     pub fn queue_active(&self, q: u16) -> bool {
-        self.queues.get(usize::from(q)).is_some_and(|m| m.lock().is_some())
+        self.queues
+            .get(usize::from(q))
+            .is_some_and(|m| m.lock().as_ref().is_some_and(|c| !c.queue.is_broken()))
     }
+}
 
-    fn drain(&self, q: u16, ctx: &mut QueueCtx, stop: &QueueStop) -> Result<(), PopError> {
-        let mem = &*ctx.memory;
+/// Echoes each chain, counting what it served.
+struct Echo<'a> {
+    device: &'a EchoDevice,
+    memory: &'a dyn GuestMemory,
+}
+
+impl<const N: usize> ChainHandler<N> for Echo<'_> {
+    fn handle(&mut self, chain: &DescriptorChain<N>) -> u32 {
         let mut buf = [0u8; 512];
-        loop {
-            while !stop.is_requested()
-                && let Some(res) = ctx.queue.pop(mem).transpose()
-            {
-                match res {
-                    Ok(chain) => {
-                        let total = chain.readable_len().min(chain.writable_len());
-                        let mut done = 0u32;
-                        while done < total {
-                            let n = (total - done).min(buf.len() as u32) as usize;
-                            let ok = chain
-                                .read_at(mem, u64::from(done), &mut buf[..n])
-                                .and_then(|_| chain.write_at(mem, u64::from(done), &buf[..n]));
-                            if ok.is_err() {
-                                break;
-                            }
-                            done += n as u32;
-                        }
-                        ctx.queue.push(mem, chain.head(), done)?;
-                        // Relaxed: a statistic.
-                        self.completed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(PopError::Chain { head, error }) => {
-                        *self.last_error.lock() = Some(PopError::Chain { head, error });
-                        ctx.queue.push(mem, head, 0)?;
-                        // Relaxed: a statistic.
-                        self.rejected.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            // Stopping: the rest stays in the ring. Otherwise the re-check.
-            if stop.is_requested() || !ctx.queue.enable_notification(mem)? {
+        let total = chain.readable_len().min(chain.writable_len());
+        let mut done = 0u32;
+        while done < total {
+            let n = (total - done).min(buf.len() as u32) as usize;
+            let ok = chain
+                .read_at(self.memory, u64::from(done), &mut buf[..n])
+                .and_then(|_| chain.write_at(self.memory, u64::from(done), &buf[..n]));
+            if ok.is_err() {
                 break;
             }
+            done += n as u32;
         }
-        if ctx.queue.needs_interrupt(mem)? {
-            ctx.irq.raise(InterruptCause::UsedBuffer { queue: q });
-        }
-        Ok(())
+        // Relaxed: a statistic.
+        self.device.completed.fetch_add(1, Ordering::Relaxed);
+        done
+    }
+
+    fn rejected(&mut self, head: u16, error: ChainError) {
+        *self.device.last_error.lock() = Some(PopError::Chain { head, error });
+        // Relaxed: a statistic.
+        self.device.rejected.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -200,6 +195,7 @@ impl VirtioDevice for EchoDevice {
                 queue,
                 memory: activation.memory.clone(),
                 irq: activation.interrupt.clone(),
+                chain: Chain::new(),
             });
         }
         Ok(())
@@ -209,10 +205,10 @@ impl VirtioDevice for EchoDevice {
         let Some(slot) = self.queues.get(usize::from(queue)) else { return };
         let mut guard = slot.lock();
         let Some(ctx) = guard.as_mut() else { return };
-        if let Err(e) = self.drain(queue, ctx, stop) {
-            *self.last_error.lock() = Some(e);
-            ctx.irq.needs_reset();
-            *guard = None;
+        let QueueCtx { queue: q, memory, irq, chain } = ctx;
+        let mut echo = Echo { device: self, memory: &**memory };
+        if let Err(e) = serve_queue(q, &**memory, &**irq, queue, stop, chain, &mut echo) {
+            *self.last_error.lock() = Some(PopError::Queue(e));
         }
     }
 

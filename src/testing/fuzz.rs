@@ -28,16 +28,18 @@ use alloc::vec::Vec;
 
 use super::echo::EchoDevice;
 use super::hostile::{Hostile, HostileEnv};
+use super::irq::RecordingIrq;
 use super::mmio::{DirectIo, InitOptions, MmioDriver};
 use super::queue::Buf;
 use crate::addr::Width;
 use crate::device::{Access, Device};
-use crate::virtio::features::{
+use crate::memory::{GuestMemory, GuestRam};
+use crate::virtio::spec::features::{
     VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
-use crate::virtio::mmio::regs;
-use crate::virtio::status::DEVICE_NEEDS_RESET;
-use crate::virtio::{GuestMemory, GuestRam, MmioTransport, RecordingIrq, Trigger};
+use crate::virtio::spec::mmio as regs;
+use crate::virtio::spec::status::DEVICE_NEEDS_RESET;
+use crate::virtio::{MmioTransport, Trigger};
 
 /// Size of the fuzzed guest's RAM, at guest-physical 0.
 pub const FUZZ_RAM: u64 = 0x1_0000;
@@ -196,8 +198,8 @@ fn check(dev: &MmioTransport<EchoDevice>) {
     let isr = dev.interrupt().status();
     assert_eq!(isr & !3, 0, "interrupt status {isr:#x}");
     let a = Access { offset: regs::MAGIC_VALUE, addr: 0, width: Width::U32, vcpu: None };
-    assert_eq!(dev.read(a), Ok(u64::from(crate::virtio::mmio::MAGIC_VALUE)));
+    assert_eq!(dev.read(a), Ok(u64::from(crate::virtio::spec::MMIO_MAGIC_VALUE)));
     if dev.is_active() {
-        assert_ne!(status & crate::virtio::status::DRIVER_OK, 0, "active without DRIVER_OK");
+        assert_ne!(status & crate::virtio::spec::status::DRIVER_OK, 0, "active without DRIVER_OK");
     }
 }

@@ -29,16 +29,18 @@ use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 
+use super::irq::RecordingIrq;
 use super::mmio::{DirectIo, InitOptions, MmioDriver};
 use super::queue::Buf;
 use crate::addr::Width;
 use crate::device::{Access, Device};
-use crate::virtio::blk::{BlkConfig, RamDisk, VirtioBlk};
-use crate::virtio::features::{
+use crate::memory::{GuestMemory, GuestRam};
+use crate::virtio::blk::{BlkConfig, RamDisk, RequestHeader, RequestType, VirtioBlk};
+use crate::virtio::spec::features::{
     VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
-use crate::virtio::status::DEVICE_NEEDS_RESET;
-use crate::virtio::{GuestMemory, GuestRam, MmioTransport, RecordingIrq, Trigger};
+use crate::virtio::spec::status::DEVICE_NEEDS_RESET;
+use crate::virtio::{MmioTransport, Trigger};
 
 /// Size of the fuzzed guest's RAM, at guest-physical 0.
 pub const FUZZ_BLK_RAM: u64 = 0x4_0000;
@@ -142,9 +144,8 @@ pub fn fuzz_blk(data: &[u8]) {
                 // Readable first, as a well-behaved driver orders them.
                 shape.sort_by_key(|&(_, w)| w);
                 let mut stream = Vec::with_capacity(16 + payload.len());
-                stream.extend_from_slice(&kind.to_le_bytes());
-                stream.extend_from_slice(&[0; 4]);
-                stream.extend_from_slice(&sector.to_le_bytes());
+                let header = RequestHeader::new(RequestType::from_raw(kind), sector);
+                stream.extend_from_slice(&header.to_bytes());
                 stream.extend_from_slice(&payload);
                 let (mut at, mut fed, mut writable_total) = (BUF_BASE, 0usize, 0u32);
                 let mut bufs = Vec::new();

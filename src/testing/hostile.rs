@@ -2,10 +2,10 @@
 //! each with the outcome a correct device must show.
 
 use super::queue::{DriverError, GuestQueue, write_desc_at};
-use crate::virtio::queue::{
-    DEFAULT_SEGMENTS, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
-};
-use crate::virtio::{ChainError, GuestMemory, MemoryError, QueueError};
+use crate::memory::{GuestMemory, MemoryError};
+use crate::virtio::DEFAULT_SEGMENTS;
+use crate::virtio::spec::ring::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use crate::virtio::{ChainError, QueueError};
 
 const NEXT: u16 = VIRTQ_DESC_F_NEXT;
 const WRITE: u16 = VIRTQ_DESC_F_WRITE;

@@ -7,10 +7,11 @@ use alloc::vec::Vec;
 use super::queue::{Buf, DriverError, GuestQueue};
 use crate::addr::Width;
 use crate::device::{Access, Device};
-use crate::virtio::GuestMemory;
-use crate::virtio::features::VIRTIO_F_RING_EVENT_IDX;
-use crate::virtio::mmio::{MAGIC_VALUE, VERSION, regs};
-use crate::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
+use crate::memory::GuestMemory;
+use crate::virtio::spec::features::VIRTIO_F_RING_EVENT_IDX;
+use crate::virtio::spec::mmio as regs;
+use crate::virtio::spec::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
+use crate::virtio::spec::{MMIO_MAGIC_VALUE, MMIO_VERSION};
 
 /// Register accesses as a guest makes them: offsets relative to the
 /// device's MMIO base.
@@ -168,10 +169,10 @@ impl<R: RegisterIo> MmioDriver<R> {
     /// [`DriverError::Device`] when the magic value or version is wrong or
     /// the device refuses FEATURES_OK (FAILED is then set, as Linux does).
     pub fn negotiate(&mut self, opts: InitOptions) -> Result<u64, DriverError> {
-        if self.read_reg(regs::MAGIC_VALUE)? != MAGIC_VALUE {
+        if self.read_reg(regs::MAGIC_VALUE)? != MMIO_MAGIC_VALUE {
             return Err(DriverError::Device("bad magic value"));
         }
-        if self.read_reg(regs::VERSION)? != VERSION {
+        if self.read_reg(regs::VERSION)? != MMIO_VERSION {
             return Err(DriverError::Device("not a version 2 device"));
         }
         if self.read_reg(regs::DEVICE_ID)? == 0 {
@@ -260,7 +261,7 @@ impl<R: RegisterIo> MmioDriver<R> {
     /// [`DriverError::Device`] when the device reports DEVICE_NEEDS_RESET.
     pub fn driver_ok(&self) -> Result<(), DriverError> {
         self.add_status(DRIVER_OK)?;
-        if self.status()? & crate::virtio::status::DEVICE_NEEDS_RESET != 0 {
+        if self.status()? & crate::virtio::spec::status::DEVICE_NEEDS_RESET != 0 {
             return Err(DriverError::Device("device needs reset after DRIVER_OK"));
         }
         Ok(())

@@ -19,19 +19,28 @@
 //!   replays under an ordinary `cargo test`; [`fuzz_blk`] the same for the
 //!   virtio-blk target.
 //! - [`GuestAlloc`]: a bump allocator for buffers in guest memory.
+//! - [`BlkRequest`]: a virtio-blk request laid out as a driver does;
+//!   [`FaultyDisk`]: a backend that counts operations and fails, delays or
+//!   blocks them on a test's hook ([`BackendOp`]).
+//! - [`RecordingIrq`] / [`RecordingController`]: interrupt lines that
+//!   record what they were asked ([`IrqEvent`]).
 
+mod blk;
 mod echo;
 mod fuzz;
 mod fuzz_blk;
 mod hostile;
+mod irq;
 mod mmio;
 mod queue;
 mod strategies;
 
+pub use blk::{BackendOp, BlkRequest, FaultyDisk};
 pub use echo::{ECHO_CONFIG_LEN, ECHO_DEVICE_TYPE, EchoDevice};
 pub use fuzz::{FUZZ_RAM, fuzz_mmio};
 pub use fuzz_blk::{FUZZ_BLK_RAM, fuzz_blk};
 pub use hostile::{Expect, Hostile, HostileEnv};
+pub use irq::{IrqEvent, RecordingController, RecordingIrq};
 #[cfg(feature = "std")]
 pub use mmio::BusIo;
 pub use mmio::{DirectIo, InitOptions, MmioDriver, RegisterIo};

@@ -7,11 +7,12 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{Ordering, fence};
 
-use crate::virtio::queue::{
-    DESC_SIZE, QueueArea, QueueConfig, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY,
+use crate::memory::{GuestMemory, MemoryError};
+use crate::virtio::spec::ring::{
+    DESC_SIZE, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY,
 };
-use crate::virtio::{GuestMemory, MemoryError};
+use crate::virtio::{QueueArea, QueueConfig};
 
 /// One buffer of a chain the driver builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -2,9 +2,10 @@
 //! transport, and the [`VirtioDevice`] trait devices implement.
 //!
 //! The layers, bottom up:
-//! - [`GuestMemory`] / [`GuestRam`] — bounds-checked guest physical memory.
-//! - [`Interrupt`] / [`IrqLine`] — how a device raises its interrupt, and the
-//!   line the VMM wires it to.
+//! - [`Interrupt`] / [`InterruptStatus`] — how a device raises its
+//!   interrupt, and the register that drives the VMM's
+//!   [`IrqLine`](crate::IrqLine). Devices reach guest memory through
+//!   [`crate::GuestMemory`].
 //! - [`SplitQueue`] — one split virtqueue, validated against hostile drivers.
 //! - [`VirtioDevice`] — what a device (virtio-blk, …) implements: identity,
 //!   features, config space, queues, serve, reset.
@@ -40,96 +41,36 @@
 //! again when a stopped queue is set ready again).
 
 pub mod blk;
-pub mod irq;
-pub mod memory;
-pub mod mmio;
-pub mod notify;
-pub mod queue;
+mod interrupt;
+mod mmio;
+mod notify;
+mod queue;
+mod serve;
+pub mod spec;
 #[cfg(feature = "std")]
-pub mod worker;
+mod worker;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-pub use irq::{
-    INT_CONFIG_CHANGE, INT_USED_BUFFER, Interrupt, InterruptCause, InterruptStatus, IrqEvent,
-    IrqLine, RecordingIrq, Trigger,
-};
-pub use memory::{GuestMemory, GuestRam, GuestRamError, MemoryError};
-pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+pub use interrupt::{Interrupt, InterruptCause, InterruptStatus, Trigger};
+pub use mmio::MmioTransport;
 #[cfg(feature = "std")]
 pub use notify::CondvarEvent;
 pub use notify::{NotifyMode, QueueEvent};
 pub use queue::{
-    Chain, ChainError, DEFAULT_SEGMENTS, DescriptorChain, MAX_QUEUE_SIZE, PopError, QueueArea,
-    QueueConfig, QueueError, Segment, SplitQueue,
+    Chain, ChainError, DEFAULT_SEGMENTS, DescriptorChain, PopError, QueueArea, QueueConfig,
+    QueueError, Segment, SplitQueue,
 };
 #[cfg(feature = "std")]
 pub use worker::QueueWorkers;
 
-/// Feature bits defined by the virtio spec for every device type.
-pub mod features {
-    /// The driver may use indirect descriptor tables.
-    pub const VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;
-    /// `used_event` / `avail_event` suppress interrupts and notifications.
-    pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
-    /// virtio 1.x (not legacy); a modern device must offer it.
-    pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-    /// The device sits behind an IOMMU.
-    pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
-    /// Packed virtqueues.
-    pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
-    /// Buffers are used in the order they were made available.
-    pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
-    /// Platform-specific memory ordering.
-    pub const VIRTIO_F_ORDER_PLATFORM: u64 = 1 << 36;
-    /// Single-root I/O virtualization.
-    pub const VIRTIO_F_SR_IOV: u64 = 1 << 37;
-    /// The driver passes extra data with notifications.
-    pub const VIRTIO_F_NOTIFICATION_DATA: u64 = 1 << 38;
-    /// The driver passes config data with notifications.
-    pub const VIRTIO_F_NOTIF_CONFIG_DATA: u64 = 1 << 39;
-    /// Individual queues can be reset.
-    pub const VIRTIO_F_RING_RESET: u64 = 1 << 40;
-}
-
-/// Bits of the device status register.
-pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u32 = 1;
-    /// The guest knows how to drive the device.
-    pub const DRIVER: u32 = 2;
-    /// The driver is set up and ready.
-    pub const DRIVER_OK: u32 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
-    /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
-    /// The guest gave up on the device.
-    pub const FAILED: u32 = 128;
-}
-
-/// virtio device type numbers (the DeviceID register).
-pub mod device_type {
-    /// Network card.
-    pub const NET: u32 = 1;
-    /// Block device.
-    pub const BLOCK: u32 = 2;
-    /// Console.
-    pub const CONSOLE: u32 = 3;
-    /// Entropy source.
-    pub const RNG: u32 = 4;
-    /// Memory balloon.
-    pub const BALLOON: u32 = 5;
-    /// SCSI host.
-    pub const SCSI: u32 = 8;
-    /// 9P transport.
-    pub const NINE_P: u32 = 9;
-    /// Socket device.
-    pub const VSOCK: u32 = 19;
-}
+/// Guest memory as the manager still names it; the public path is
+/// [`crate::GuestMemory`].
+pub(crate) use crate::memory::GuestMemory;
+pub(crate) use serve::{ChainHandler, serve_queue};
 
 /// Everything a device receives when the driver sets DRIVER_OK.
 pub struct Activation {
@@ -156,6 +97,7 @@ impl fmt::Debug for Activation {
 
 /// Why a device refused to activate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ActivateError {
     /// A queue the device cannot work without was not set ready.
     MissingQueue(u16),
@@ -221,7 +163,7 @@ impl QueueStop {
 /// from the transport with offsets relative to the start of the device
 /// configuration and 1-, 2- or 4-byte aligned widths.
 pub trait VirtioDevice: Send + Sync {
-    /// The virtio device type ([`device_type`]).
+    /// The virtio device type ([`spec::device_type`]).
     fn device_type(&self) -> u32;
 
     /// The vendor id reported to the driver. Drivers match on the device
@@ -231,7 +173,7 @@ pub trait VirtioDevice: Send + Sync {
     }
 
     /// Feature bits the device offers; must include
-    /// [`VIRTIO_F_VERSION_1`](features::VIRTIO_F_VERSION_1). Ring features
+    /// [`VIRTIO_F_VERSION_1`](spec::features::VIRTIO_F_VERSION_1). Ring features
     /// (INDIRECT_DESC, RING_EVENT_IDX) are implemented by [`SplitQueue`] and
     /// are the device's to offer or not.
     fn features(&self) -> u64;
@@ -240,7 +182,7 @@ pub trait VirtioDevice: Send + Sync {
     fn num_queues(&self) -> u16;
 
     /// The largest size queue `queue` may have (QueueNumMax; a power of two
-    /// ≤ [`MAX_QUEUE_SIZE`]).
+    /// ≤ [`MAX_QUEUE_SIZE`](spec::ring::MAX_QUEUE_SIZE)).
     fn max_queue_size(&self, queue: u16) -> u16;
 
     /// Reads `data.len()` bytes of device configuration at `offset`. Bytes
@@ -290,4 +232,43 @@ pub trait VirtioDevice: Send + Sync {
     /// [`activate`](Self::activate), wait for in-progress queue work to end,
     /// and return to the state before activation.
     fn reset(&self);
+}
+
+impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn vendor_id(&self) -> u32 {
+        (**self).vendor_id()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn num_queues(&self) -> u16 {
+        (**self).num_queues()
+    }
+    fn max_queue_size(&self, queue: u16) -> u16 {
+        (**self).max_queue_size(queue)
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&self, offset: u64, data: &[u8]) {
+        (**self).write_config(offset, data)
+    }
+    fn activate(&self, activation: Activation) -> Result<(), ActivateError> {
+        (**self).activate(activation)
+    }
+    fn serve(&self, queue: u16, stop: &QueueStop) {
+        (**self).serve(queue, stop)
+    }
+    fn queue_stopped(&self, queue: u16) {
+        (**self).queue_stopped(queue)
+    }
+    fn queue_started(&self, queue: u16) {
+        (**self).queue_started(queue)
+    }
+    fn reset(&self) {
+        (**self).reset()
+    }
 }

@@ -2,32 +2,7 @@
 //! queue's [`QueueEvent`] and serves the queue, outside any bus read
 //! section.
 //!
-//! This is the Firecracker / Cloud Hypervisor / crosvm model in its
-//! simplest form: the notify (a register write, or a KVM ioeventfd that
-//! never exits to userspace) wakes the queue's worker; the worker runs the
-//! requests, blocking I/O included, and raises the completion interrupt
-//! through the transport's [`IrqLine`](crate::IrqLine) (which a KVM VMM
-//! implements with an irqfd write). A VMM with an event loop of its own
-//! (epoll over the eventfds) can skip this module and call
-//! [`MmioTransport::serve`] itself.
-//!
-//! # Shutdown, reset and unplug
-//!
-//! - [`QueueWorkers::shutdown`] (also on drop) puts the transport back in
-//!   [`NotifyMode::Inline`], wakes every worker, lets each serve its queue
-//!   one last time (so a notify signalled just before is not lost) and joins
-//!   them. A request is never left half-done: a serve always runs to the
-//!   end of the request it is executing and publishes its completion.
-//! - A device reset (Status = 0) needs nothing from the workers: the
-//!   transport stops every queue, waiting for the serve in progress to
-//!   finish the request it is executing and publish what completed;
-//!   requests not yet started are cancelled with the rings they sit in. The
-//!   workers keep waiting and serve again once the driver re-initializes
-//!   the device.
-//! - Unplug: [`IoBus::unregister`](crate::IoBus::unregister) and
-//!   [`Unplug::wait`](crate::Unplug::wait) never wait for a worker (serves
-//!   run outside the bus), then shut the workers down before freeing what
-//!   the device uses.
+//! Its design notes are on [`QueueWorkers`].
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -39,15 +14,45 @@ use std::thread::JoinHandle;
 use super::notify::{NotifyMode, QueueEvent};
 use super::{MmioTransport, VirtioDevice};
 
-/// One thread per queue serving a [`MmioTransport`] in deferred mode; see
-/// the [module docs](self).
+/// A small worker runtime (`std`): one thread per queue that waits on the
+/// queue's [`QueueEvent`] and serves the queue, outside any bus read
+/// section.
+///
+/// This is the Firecracker / Cloud Hypervisor / crosvm model in its
+/// simplest form: the notify (a register write, or a KVM ioeventfd that
+/// never exits to userspace) wakes the queue's worker; the worker runs the
+/// requests, blocking I/O included, and raises the completion interrupt
+/// through the transport's [`IrqLine`](crate::IrqLine) (which a KVM VMM
+/// implements with an irqfd write). A VMM with an event loop of its own
+/// (epoll over the eventfds) can skip this module and call
+/// [`MmioTransport::serve`] itself.
+///
+/// # Shutdown, reset and unplug
+///
+/// - [`QueueWorkers::shutdown`] (also on drop) puts the transport back in
+///   [`NotifyMode::Inline`], wakes every worker, lets each serve its queue
+///   one last time (so a notify signalled just before is not lost) and joins
+///   them. A request is never left half-done: a serve always runs to the
+///   end of the request it is executing and publishes its completion.
+/// - A device reset (Status = 0) needs nothing from the workers: the
+///   transport stops every queue, waiting for the serve in progress to
+///   finish the request it is executing and publish what completed;
+///   requests not yet started are cancelled with the rings they sit in. The
+///   workers keep waiting and serve again once the driver re-initializes
+///   the device.
+/// - Unplug: [`IoBus::unregister`](crate::IoBus::unregister) and
+///   [`Unplug::wait`](crate::Unplug::wait) never wait for a worker (serves
+///   run outside the bus), then shut the workers down before freeing what
+///   the device uses.
 ///
 /// # Example
 /// ```
 /// # #[cfg(feature = "testing")] { // uses the `testing` feature
 /// use std::sync::Arc;
-/// use vmio::virtio::{CondvarEvent, GuestRam, MmioTransport, QueueEvent, QueueWorkers};
-/// use vmio::virtio::{RecordingIrq, Trigger};
+/// use vmio::virtio::{CondvarEvent, MmioTransport, QueueEvent, QueueWorkers};
+/// use vmio::GuestRam;
+/// use vmio::testing::RecordingIrq;
+/// use vmio::virtio::Trigger;
 /// use vmio::testing::EchoDevice;
 ///
 /// let ram = Arc::new(GuestRam::new(0x8000_0000, 0x10_0000)?);

@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE, PhysAddr};
-use vmio::virtio::mmio::regs;
-use vmio::virtio::{GuestMemory, GuestRam};
+use vmio::virtio::blk::{RequestHeader, RequestType};
+use vmio::virtio::spec::mmio as regs;
+use vmio::{GuestMemory, GuestRam};
 use vmio::{IoBus, Mmio, VcpuHandle, Width};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -417,10 +418,7 @@ pub const T_DISCARD: u32 = 11;
 pub const T_WRITE_ZEROES: u32 = 13;
 
 fn header(kind: u32, sector: u64) -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..].copy_from_slice(&sector.to_le_bytes());
-    h
+    RequestHeader::new(RequestType::from_raw(kind), sector).to_bytes()
 }
 
 /// One discard / write-zeroes segment.

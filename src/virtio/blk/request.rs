@@ -1,67 +1,121 @@
-//! One virtio-blk request: splitting a descriptor chain into header, data and
-//! status, validating it against the device's limits, running it on the
-//! backend and writing the status byte.
+//! One virtio-blk request: the typed header, splitting a descriptor chain
+//! into header, data and status, validating it against the device's limits,
+//! running it on the backend and writing the status byte.
 //!
 //! Nothing here assumes a layout: the spec lets the driver split or merge
 //! header, data and status across descriptors in any way, so the chain is
 //! treated as two byte streams — the device-readable descriptors in order and
-//! the device-writable ones in order — and the status is the last writable
-//! byte. Every guest byte the device acts on is first copied into host
-//! memory (the header, the discard segments) and validated there, so a guest
-//! rewriting its buffers mid-request changes values, never checks.
+//! the device-writable ones in order — read and written with the chain's own
+//! walker ([`DescriptorChain::read_at`] / [`write_at`](DescriptorChain::write_at)),
+//! and the status is the last writable byte. Every guest byte the device
+//! acts on is first copied into host memory (the header, the discard
+//! segments) and validated there, so a guest rewriting its buffers
+//! mid-request changes values, never checks.
 
 use arrayvec::ArrayVec;
 
-use super::backend::{BackendError, BlockBackend, SECTOR_SIZE};
-use crate::virtio::{DescriptorChain, GuestMemory, MemoryError, Segment};
-
-/// `VIRTIO_BLK_T_IN`: read sectors into the writable buffers.
-pub const T_IN: u32 = 0;
-/// `VIRTIO_BLK_T_OUT`: write the readable buffers to sectors.
-pub const T_OUT: u32 = 1;
-/// `VIRTIO_BLK_T_FLUSH`: make completed writes durable.
-pub const T_FLUSH: u32 = 4;
-/// `VIRTIO_BLK_T_GET_ID`: the 20-byte device id string.
-pub const T_GET_ID: u32 = 8;
-/// `VIRTIO_BLK_T_DISCARD`: deallocate ranges.
-pub const T_DISCARD: u32 = 11;
-/// `VIRTIO_BLK_T_WRITE_ZEROES`: zero ranges.
-pub const T_WRITE_ZEROES: u32 = 13;
-
-/// `VIRTIO_BLK_S_OK`.
-pub const S_OK: u8 = 0;
-/// `VIRTIO_BLK_S_IOERR`.
-pub const S_IOERR: u8 = 1;
-/// `VIRTIO_BLK_S_UNSUPP`.
-pub const S_UNSUPP: u8 = 2;
-
-/// Length of the device id returned by GET_ID.
-pub const ID_LEN: usize = 20;
-/// Size of the request header `{type u32, reserved u32, sector u64}`.
-const HEADER_LEN: usize = 16;
-/// Size of one discard / write-zeroes segment.
-const SEGMENT_LEN: usize = 16;
-/// `flags` bit 0 of a discard / write-zeroes segment.
-const FLAG_UNMAP: u32 = 1;
+use super::backend::{BackendError, BlockBackend};
+use crate::memory::{GuestMemory, MemoryError};
+use crate::virtio::DescriptorChain;
+use crate::virtio::spec::blk::{
+    DWZ_FLAG_UNMAP, DWZ_SEGMENT_LEN, HEADER_LEN, ID_LEN, S_IOERR, S_OK, S_UNSUPP, SECTOR_SIZE,
+    T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
+};
 
 /// Most discard / write-zeroes segments one request may carry.
 pub const MAX_DWZ_SEGMENTS: usize = 64;
 
-/// A descriptor chain as the request code needs it: the device-readable
-/// buffers and the device-writable ones, each in chain order.
-pub(crate) trait Buffers {
-    /// The device-readable buffers.
-    fn readable(&self) -> &[Segment];
-    /// The device-writable buffers.
-    fn writable(&self) -> &[Segment];
+/// What a request asks for: the header's `type` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestType {
+    /// `VIRTIO_BLK_T_IN`: read sectors into the writable buffers.
+    In,
+    /// `VIRTIO_BLK_T_OUT`: write the readable buffers to sectors.
+    Out,
+    /// `VIRTIO_BLK_T_FLUSH`: make completed writes durable.
+    Flush,
+    /// `VIRTIO_BLK_T_GET_ID`: the device id string.
+    GetId,
+    /// `VIRTIO_BLK_T_DISCARD`: deallocate ranges.
+    Discard,
+    /// `VIRTIO_BLK_T_WRITE_ZEROES`: zero ranges.
+    WriteZeroes,
+    /// Any other value: answered with `VIRTIO_BLK_S_UNSUPP`.
+    Other(u32),
 }
 
-impl<const N: usize> Buffers for DescriptorChain<N> {
-    fn readable(&self) -> &[Segment] {
-        DescriptorChain::readable(self)
+impl RequestType {
+    /// The type a header's `type` field names.
+    pub const fn from_raw(raw: u32) -> Self {
+        match raw {
+            T_IN => RequestType::In,
+            T_OUT => RequestType::Out,
+            T_FLUSH => RequestType::Flush,
+            T_GET_ID => RequestType::GetId,
+            T_DISCARD => RequestType::Discard,
+            T_WRITE_ZEROES => RequestType::WriteZeroes,
+            other => RequestType::Other(other),
+        }
     }
-    fn writable(&self) -> &[Segment] {
-        DescriptorChain::writable(self)
+
+    /// The header's `type` field for this type.
+    pub const fn raw(self) -> u32 {
+        match self {
+            RequestType::In => T_IN,
+            RequestType::Out => T_OUT,
+            RequestType::Flush => T_FLUSH,
+            RequestType::GetId => T_GET_ID,
+            RequestType::Discard => T_DISCARD,
+            RequestType::WriteZeroes => T_WRITE_ZEROES,
+            RequestType::Other(raw) => raw,
+        }
+    }
+}
+
+/// The 16-byte header that opens every virtio-blk request:
+/// `{type: le32, reserved: le32, sector: le64}`. Parsed in one place
+/// ([`parse`](Self::parse)) and built in one place
+/// ([`to_bytes`](Self::to_bytes)), which drivers and tests use too.
+///
+/// # Example
+/// ```
+/// use vmio::virtio::blk::{RequestHeader, RequestType};
+///
+/// let h = RequestHeader::new(RequestType::Out, 8);
+/// assert_eq!(RequestHeader::parse(&h.to_bytes()), h);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestHeader {
+    /// What the request asks for.
+    pub request_type: RequestType,
+    /// First 512-byte sector it addresses (IN, OUT).
+    pub sector: u64,
+}
+
+impl RequestHeader {
+    /// Size of the header in bytes.
+    pub const LEN: usize = HEADER_LEN;
+
+    /// A header for `request_type` at `sector`.
+    pub const fn new(request_type: RequestType, sector: u64) -> Self {
+        RequestHeader { request_type, sector }
+    }
+
+    /// Decodes a header (the reserved field is ignored, as the spec says).
+    pub fn parse(bytes: &[u8; HEADER_LEN]) -> Self {
+        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = *bytes;
+        RequestHeader {
+            request_type: RequestType::from_raw(u32::from_le_bytes([t0, t1, t2, t3])),
+            sector: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+        }
+    }
+
+    /// Encodes the header as the driver lays it out in guest memory.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[..4].copy_from_slice(&self.request_type.raw().to_le_bytes());
+        b[8..].copy_from_slice(&self.sector.to_le_bytes());
+        b
     }
 }
 
@@ -88,72 +142,33 @@ pub(crate) struct Limits {
 }
 
 /// Address of the status byte: the last byte of the last writable buffer.
-fn status_addr(chain: &impl Buffers) -> Option<u64> {
+fn status_addr<const N: usize>(chain: &DescriptorChain<N>) -> Option<u64> {
     let last = chain.writable().iter().rev().find(|b| b.len > 0)?;
     Some(last.addr.wrapping_add(u64::from(last.len) - 1))
 }
 
-fn total(bufs: &[Segment]) -> u64 {
-    bufs.iter().map(|b| u64::from(b.len)).sum()
-}
-
-/// Writable bytes excluding the status byte.
-fn writable_data_len(chain: &impl Buffers) -> u64 {
-    total(chain.writable()).saturating_sub(1)
-}
-
-/// A view of `len` bytes of a buffer list starting `skip` bytes in: yields
-/// `(guest address, length)` pieces.
-fn pieces(bufs: &[Segment], mut skip: u64, mut len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
-    bufs.iter().filter_map(move |b| {
-        let blen = u64::from(b.len);
-        if skip >= blen {
-            skip -= blen;
-            return None;
-        }
-        if len == 0 {
-            return None;
-        }
-        let n = (blen - skip).min(len);
-        // `skip < blen`: the piece starts inside the buffer, whose whole
-        // range was checked to be guest RAM.
-        let piece = (b.addr.wrapping_add(skip), n);
-        skip = 0;
-        len -= n;
-        Some(piece)
-    })
-}
-
-/// Copies `buf.len()` bytes of the stream `bufs`, starting `skip` bytes in.
-fn gather<M: GuestMemory + ?Sized>(
+/// Copies `buf.len()` request bytes starting `offset` bytes into the
+/// readable stream; a short stream is an I/O error.
+#[inline]
+fn gather<const N: usize, M: GuestMemory + ?Sized>(
+    chain: &DescriptorChain<N>,
     mem: &M,
-    bufs: &[Segment],
-    skip: u64,
+    offset: u64,
     buf: &mut [u8],
 ) -> Result<(), Fail> {
-    let mut at = 0usize;
-    for (addr, n) in pieces(bufs, skip, buf.len() as u64) {
-        let n = n as usize; // bounded by buf.len()
-        mem.read(addr, &mut buf[at..at + n])?;
-        at += n;
-    }
-    if at == buf.len() { Ok(()) } else { Err(Fail::IoErr) }
+    if chain.read_at(mem, offset, buf)? == buf.len() { Ok(()) } else { Err(Fail::IoErr) }
 }
 
-/// Copies `data` into the stream `bufs`, starting `skip` bytes in.
-fn scatter<M: GuestMemory + ?Sized>(
+/// Copies `data` into the writable stream starting `offset` bytes in; a
+/// short stream is an I/O error.
+#[inline]
+fn scatter<const N: usize, M: GuestMemory + ?Sized>(
+    chain: &DescriptorChain<N>,
     mem: &M,
-    bufs: &[Segment],
-    skip: u64,
+    offset: u64,
     data: &[u8],
 ) -> Result<(), Fail> {
-    let mut at = 0usize;
-    for (addr, n) in pieces(bufs, skip, data.len() as u64) {
-        let n = n as usize; // bounded by data.len()
-        mem.write(addr, &data[at..at + n])?;
-        at += n;
-    }
-    if at == data.len() { Ok(()) } else { Err(Fail::IoErr) }
+    if chain.write_at(mem, offset, data)? == data.len() { Ok(()) } else { Err(Fail::IoErr) }
 }
 
 /// What went wrong, as the status byte will say it.
@@ -209,8 +224,9 @@ pub(crate) struct Context<'a, M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>
 
 /// Runs the request described by `chain`, writes its status byte and says
 /// what to put in the used ring.
-pub(crate) fn process<M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
-    chain: &impl Buffers,
+#[inline]
+pub(crate) fn process<const N: usize, M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
+    chain: &DescriptorChain<N>,
     cx: &mut Context<'_, M, B>,
 ) -> Completion {
     let Some(status_addr) = status_addr(chain) else {
@@ -226,75 +242,72 @@ pub(crate) fn process<M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
     if cx.mem.write(status_addr, &[status]).is_err() {
         return Completion { status: None, used_len: 0 };
     }
-    // `data_written` never exceeds the writable data bytes, whose total
-    // (status byte included) `execute` checked to fit in u32.
+    // `data_written` never exceeds the writable data bytes, which with the
+    // status byte fit in u32 (a chain's length does).
     let used = u32::try_from(data_written + 1).unwrap_or(u32::MAX);
     Completion { status: Some(status), used_len: used }
 }
 
 /// Validates and runs the request; `Ok` carries the data bytes written to
 /// the guest.
-fn execute<M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
-    chain: &impl Buffers,
+fn execute<const N: usize, M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
+    chain: &DescriptorChain<N>,
     cx: &mut Context<'_, M, B>,
 ) -> Result<u64, Fail> {
     let limits = cx.limits;
-    let (readable, writable) = (chain.readable(), chain.writable());
     if let Some(size_max) = limits.size_max
-        && readable.iter().chain(writable).any(|b| b.len > size_max)
+        && chain.segments().iter().any(|b| b.len > size_max)
     {
         return Err(Fail::IoErr);
     }
     // Header and status take at least one descriptor each unless merged
     // into data descriptors; count in the driver's favour.
     if let Some(seg_max) = limits.seg_max
-        && readable.len() + writable.len() > seg_max as usize + 2
+        && chain.segments().len() > seg_max as usize + 2
     {
         return Err(Fail::IoErr);
     }
-    if total(writable) > u64::from(u32::MAX) {
-        return Err(Fail::IoErr);
-    }
 
-    let mut header = [0u8; HEADER_LEN];
-    gather(cx.mem, readable, 0, &mut header)?;
-    let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let mut raw = [0u8; HEADER_LEN];
+    gather(chain, cx.mem, 0, &mut raw)?;
+    let header = RequestHeader::parse(&raw);
     // At least HEADER_LEN readable bytes exist: the header was gathered.
-    let payload = total(readable) - HEADER_LEN as u64;
+    let payload = u64::from(chain.readable_len()) - HEADER_LEN as u64;
+    // The status byte exists (`process` found it).
+    let writable_data = u64::from(chain.writable_len()).saturating_sub(1);
 
-    match kind {
-        T_IN => {
-            let len = writable_data_len(chain);
-            let offset = sector_range(sector, len, limits.size)?;
-            copy_to_guest(chain, cx, offset, len)?;
-            Ok(len)
+    match header.request_type {
+        RequestType::In => {
+            let offset = sector_range(header.sector, writable_data, limits.size)?;
+            copy_to_guest(chain, cx, offset, writable_data)?;
+            Ok(writable_data)
         }
-        T_OUT => {
+        RequestType::Out => {
             if limits.read_only {
                 return Err(Fail::IoErr);
             }
-            let offset = sector_range(sector, payload, limits.size)?;
+            let offset = sector_range(header.sector, payload, limits.size)?;
             copy_from_guest(chain, cx, offset, payload)?;
             if cx.writethrough {
                 cx.backend.flush()?;
             }
             Ok(0)
         }
-        T_FLUSH if limits.flush => {
+        RequestType::Flush if limits.flush => {
             cx.backend.flush()?;
             Ok(0)
         }
-        T_GET_ID => {
-            let n = writable_data_len(chain).min(ID_LEN as u64);
-            scatter(cx.mem, writable, 0, &cx.id[..n as usize])?;
+        RequestType::GetId => {
+            let n = writable_data.min(ID_LEN as u64);
+            scatter(chain, cx.mem, 0, &cx.id[..n as usize])?;
             Ok(n)
         }
-        T_DISCARD | T_WRITE_ZEROES => {
+        kind @ (RequestType::Discard | RequestType::WriteZeroes) => {
+            let discard = kind == RequestType::Discard;
             let (max_sectors, max_segs, unmap_ok) =
-                match (kind, limits.discard, limits.write_zeroes) {
-                    (T_DISCARD, Some((s, n)), _) => (s, n, false),
-                    (T_WRITE_ZEROES, _, Some((s, n, u))) => (s, n, u),
+                match (discard, limits.discard, limits.write_zeroes) {
+                    (true, Some((s, n)), _) => (s, n, false),
+                    (false, _, Some((s, n, u))) => (s, n, u),
                     _ => return Err(Fail::Unsupp),
                 };
             if limits.read_only {
@@ -303,13 +316,13 @@ fn execute<M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
             let segs = read_segments(chain, cx.mem, payload, max_sectors, max_segs, limits.size)?;
             // The spec has no unmap for discard: the range is already
             // the driver's to lose.
-            if kind == T_DISCARD && segs.iter().any(|s| s.unmap) {
+            if discard && segs.iter().any(|s| s.unmap) {
                 return Err(Fail::Unsupp);
             }
             for seg in &segs {
                 // For write-zeroes, unmap only permits deallocation; without
                 // `write_zeroes_may_unmap` the range is zeroed in place.
-                if kind == T_DISCARD {
+                if discard {
                     cx.backend.discard(seg.offset, seg.len)?;
                 } else {
                     cx.backend.write_zeroes(seg.offset, seg.len, seg.unmap && unmap_ok)?;
@@ -339,16 +352,16 @@ fn sector_range(sector: u64, len: u64, size: u64) -> Result<u64, Fail> {
 
 /// Disk → guest, for IN: the backend streams its bytes and each piece is
 /// copied into the writable buffers where the previous one ended.
-fn copy_to_guest<M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
-    chain: &impl Buffers,
+fn copy_to_guest<const N: usize, M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
+    chain: &DescriptorChain<N>,
     cx: &mut Context<'_, M, B>,
     offset: u64,
     len: u64,
 ) -> Result<(), Fail> {
-    let (mem, writable) = (cx.mem, chain.writable());
+    let mem = cx.mem;
     let mut done = 0u64;
     let mut sink = |piece: &[u8]| {
-        let ok = scatter(mem, writable, done, piece).is_ok();
+        let ok = scatter(chain, mem, done, piece).is_ok();
         done += piece.len() as u64;
         ok
     };
@@ -358,16 +371,16 @@ fn copy_to_guest<M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
 
 /// Guest → disk, for OUT: the backend asks for its bytes piece by piece and
 /// each is gathered from the readable buffers after the header.
-fn copy_from_guest<M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
-    chain: &impl Buffers,
+fn copy_from_guest<const N: usize, M: GuestMemory + ?Sized, B: BlockBackend + ?Sized>(
+    chain: &DescriptorChain<N>,
     cx: &mut Context<'_, M, B>,
     offset: u64,
     len: u64,
 ) -> Result<(), Fail> {
-    let (mem, readable) = (cx.mem, chain.readable());
+    let mem = cx.mem;
     let mut done = HEADER_LEN as u64;
     let mut source = |piece: &mut [u8]| {
-        let ok = gather(mem, readable, done, piece).is_ok();
+        let ok = gather(chain, mem, done, piece).is_ok();
         done += piece.len() as u64;
         ok
     };
@@ -385,31 +398,32 @@ struct Range {
 
 /// Copies and validates every segment before any is executed, so a bad
 /// segment anywhere means nothing is done.
-fn read_segments<M: GuestMemory + ?Sized>(
-    chain: &impl Buffers,
+fn read_segments<const N: usize, M: GuestMemory + ?Sized>(
+    chain: &DescriptorChain<N>,
     mem: &M,
     payload: u64,
     max_sectors: u32,
     max_segs: u32,
     size: u64,
 ) -> Result<ArrayVec<Range, MAX_DWZ_SEGMENTS>, Fail> {
-    if payload == 0 || !payload.is_multiple_of(SEGMENT_LEN as u64) {
+    if payload == 0 || !payload.is_multiple_of(DWZ_SEGMENT_LEN as u64) {
         return Err(Fail::IoErr);
     }
-    let count = payload / SEGMENT_LEN as u64;
+    let count = payload / DWZ_SEGMENT_LEN as u64;
     if count > u64::from(max_segs) || count > MAX_DWZ_SEGMENTS as u64 {
         return Err(Fail::IoErr);
     }
     let mut out = ArrayVec::new();
     let mut unsupported = false;
     for i in 0..count {
-        let mut raw = [0u8; SEGMENT_LEN];
-        let at = HEADER_LEN as u64 + i * SEGMENT_LEN as u64;
-        gather(mem, chain.readable(), at, &mut raw)?;
-        let sector = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
-        let sectors = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
-        let flags = u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes"));
-        if flags & !FLAG_UNMAP != 0 {
+        let mut raw = [0u8; DWZ_SEGMENT_LEN];
+        let at = HEADER_LEN as u64 + i * DWZ_SEGMENT_LEN as u64;
+        gather(chain, mem, at, &mut raw)?;
+        let [s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, f0, f1, f2, f3] = raw;
+        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let sectors = u32::from_le_bytes([n0, n1, n2, n3]);
+        let flags = u32::from_le_bytes([f0, f1, f2, f3]);
+        if flags & !DWZ_FLAG_UNMAP != 0 {
             unsupported = true;
         }
         if sectors > max_sectors {
@@ -417,7 +431,7 @@ fn read_segments<M: GuestMemory + ?Sized>(
         }
         let len = u64::from(sectors) * SECTOR_SIZE;
         let offset = sector_range(sector, len, size)?;
-        out.push(Range { offset, len, unmap: flags & FLAG_UNMAP != 0 });
+        out.push(Range { offset, len, unmap: flags & DWZ_FLAG_UNMAP != 0 });
     }
     if unsupported {
         return Err(Fail::Unsupp);
@@ -429,9 +443,13 @@ fn read_segments<M: GuestMemory + ?Sized>(
 mod tests {
     use super::*;
     use crate::sync::Mutex;
+    use crate::testing::{BackendOp, FaultyDisk};
     use crate::virtio::blk::backend::{BackendFeatures, RamDisk};
+    use crate::virtio::spec::blk::DWZ_FLAG_UNMAP as FLAG_UNMAP;
+    use alloc::sync::Arc;
     use alloc::vec;
     use alloc::vec::Vec;
+    use core::sync::atomic::{AtomicBool, Ordering};
 
     /// Guest memory: 64 KiB at 0x1_0000.
     struct Mem(Mutex<Vec<u8>>);
@@ -470,35 +488,11 @@ mod tests {
         }
     }
 
-    /// A chain built by hand, any layout.
-    #[derive(Default)]
-    struct Chain {
-        readable: Vec<Segment>,
-        writable: Vec<Segment>,
-    }
-    impl Chain {
-        fn new() -> Self {
-            Chain::default()
-        }
-        fn push(&mut self, addr: u64, len: u32, writable: bool) {
-            let list = if writable { &mut self.writable } else { &mut self.readable };
-            list.push(Segment { addr, len });
-        }
-    }
-    impl Buffers for Chain {
-        fn readable(&self) -> &[Segment] {
-            &self.readable
-        }
-        fn writable(&self) -> &[Segment] {
-            &self.writable
-        }
-    }
+    /// Chains are built by hand, in any layout (even ones a pop refuses).
+    type Chain = DescriptorChain;
 
     fn header(kind: u32, sector: u64) -> [u8; 16] {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        h
+        RequestHeader::new(RequestType::from_raw(kind), sector).to_bytes()
     }
 
     fn limits(size: u64) -> Limits {
@@ -535,11 +529,7 @@ mod tests {
         fn run(&mut self, chain: &Chain) -> Completion {
             self.run_on(chain, None)
         }
-        fn run_on(
-            &mut self,
-            chain: &impl Buffers,
-            backend: Option<&dyn BlockBackend>,
-        ) -> Completion {
+        fn run_on(&mut self, chain: &Chain, backend: Option<&dyn BlockBackend>) -> Completion {
             let id = *b"vmio-test-disk\0\0\0\0\0\0";
             let mut cx = Context {
                 mem: &self.mem,
@@ -557,11 +547,11 @@ mod tests {
     fn simple(rig: &Rig, kind: u32, sector: u64, data_len: u32, data_writable: bool) -> Chain {
         rig.mem.put(0x1_1000, &header(kind, sector));
         let mut c = Chain::new();
-        c.push(0x1_1000, 16, false);
+        c.push_unchecked(0x1_1000, 16, false);
         if data_len > 0 {
-            c.push(0x1_2000, data_len, data_writable);
+            c.push_unchecked(0x1_2000, data_len, data_writable);
         }
-        c.push(0x1_8000, 1, true);
+        c.push_unchecked(0x1_8000, 1, true);
         c
     }
 
@@ -601,21 +591,21 @@ mod tests {
         rig.mem.put(0x1_4000, &data[100..700]);
         rig.mem.put(0x1_5000, &data[700..]);
         let mut c = Chain::new();
-        c.push(0x1_1000, 5, false);
-        c.push(0x1_3000, second.len() as u32, false);
-        c.push(0x1_4000, 600, false);
-        c.push(0x1_5000, 324, false);
-        c.push(0x1_6000, 0, true); // empty descriptors are skipped
-        c.push(0x1_8000, 1, true);
+        c.push_unchecked(0x1_1000, 5, false);
+        c.push_unchecked(0x1_3000, second.len() as u32, false);
+        c.push_unchecked(0x1_4000, 600, false);
+        c.push_unchecked(0x1_5000, 324, false);
+        c.push_unchecked(0x1_6000, 0, true); // empty descriptors are skipped
+        c.push_unchecked(0x1_8000, 1, true);
         assert_eq!(rig.run(&c).status, Some(S_OK));
 
         // Read it back into an odd split whose last descriptor also holds
         // the status byte.
         rig.mem.put(0x1_1000, &header(T_IN, 3));
         let mut c = Chain::new();
-        c.push(0x1_1000, 16, false);
-        c.push(0x1_2000, 1000, true);
-        c.push(0x1_4000, 25, true); // 24 data bytes + status
+        c.push_unchecked(0x1_1000, 16, false);
+        c.push_unchecked(0x1_2000, 1000, true);
+        c.push_unchecked(0x1_4000, 25, true); // 24 data bytes + status
         let done = rig.run(&c);
         assert_eq!(done, Completion { status: Some(S_OK), used_len: 1025 });
         let mut back = rig.mem.get(0x1_2000, 1000);
@@ -708,19 +698,19 @@ mod tests {
         rig.mem.put(0x1_1000, &header(T_OUT, 0));
         rig.mem.put(0x1_2000, &[0x99; 512]);
         let mut c = Chain::new();
-        c.push(0x1_1000, 16, false);
-        c.push(0x1_2000, 512, false);
+        c.push_unchecked(0x1_1000, 16, false);
+        c.push_unchecked(0x1_2000, 512, false);
         assert_eq!(rig.run(&c), Completion { status: None, used_len: 0 });
         let mut disk = vec![0xffu8; 512];
         rig.disk.read_at(0, &mut disk).unwrap();
         assert_eq!(disk, vec![0u8; 512], "nothing written");
         // Only zero-length writable descriptors: same.
-        c.push(0x1_8000, 0, true);
+        c.push_unchecked(0x1_8000, 0, true);
         assert_eq!(rig.run(&c), Completion { status: None, used_len: 0 });
         // A status byte outside guest memory: same.
         let mut c = Chain::new();
-        c.push(0x1_1000, 16, false);
-        c.push(0xdead_0000, 1, true);
+        c.push_unchecked(0x1_1000, 16, false);
+        c.push_unchecked(0xdead_0000, 1, true);
         assert_eq!(rig.run(&c), Completion { status: None, used_len: 0 });
         // An empty chain.
         assert_eq!(rig.run(&Chain::new()), Completion { status: None, used_len: 0 });
@@ -730,20 +720,20 @@ mod tests {
     fn short_header_and_bad_buffers_are_ioerr() {
         let mut rig = Rig::new();
         let mut c = Chain::new();
-        c.push(0x1_1000, 8, false);
-        c.push(0x1_8000, 1, true);
+        c.push_unchecked(0x1_1000, 8, false);
+        c.push_unchecked(0x1_8000, 1, true);
         assert_eq!(rig.run(&c).status, Some(S_IOERR));
         // Header writable instead of readable.
         let mut c = Chain::new();
-        c.push(0x1_1000, 16, true);
-        c.push(0x1_8000, 1, true);
+        c.push_unchecked(0x1_1000, 16, true);
+        c.push_unchecked(0x1_8000, 1, true);
         assert_eq!(rig.run(&c).status, Some(S_IOERR));
         // Data buffer outside guest memory.
         rig.mem.put(0x1_1000, &header(T_IN, 0));
         let mut c = Chain::new();
-        c.push(0x1_1000, 16, false);
-        c.push(0xffff_ffff_ffff_fe00, 512, true);
-        c.push(0x1_8000, 1, true);
+        c.push_unchecked(0x1_1000, 16, false);
+        c.push_unchecked(0xffff_ffff_ffff_fe00, 512, true);
+        c.push_unchecked(0x1_8000, 1, true);
         assert_eq!(rig.run(&c), Completion { status: Some(S_IOERR), used_len: 1 });
     }
 
@@ -754,11 +744,11 @@ mod tests {
         // seg_max 8: 8 data descriptors pass, 9 fail.
         for (n, want) in [(8u64, S_OK), (9, S_IOERR)] {
             let mut c = Chain::new();
-            c.push(0x1_1000, 16, false);
+            c.push_unchecked(0x1_1000, 16, false);
             for i in 0..n {
-                c.push(0x1_2000 + i * 512, 512, true);
+                c.push_unchecked(0x1_2000 + i * 512, 512, true);
             }
-            c.push(0x1_8000, 1, true);
+            c.push_unchecked(0x1_8000, 1, true);
             assert_eq!(rig.run(&c).status, Some(want), "{n} segments");
         }
         // size_max 64 KiB: one descriptor longer fails.
@@ -835,24 +825,14 @@ mod tests {
         assert!(!zeroed(&rig, 0, 1));
     }
 
-    /// A backend whose every operation fails.
-    struct Broken;
-    impl BlockBackend for Broken {
-        fn size(&self) -> u64 {
-            65536
-        }
-        fn features(&self) -> BackendFeatures {
-            BackendFeatures { flush: true, ..BackendFeatures::default() }
-        }
-        fn read_at(&self, _: u64, _: &mut [u8]) -> Result<(), BackendError> {
-            Err(BackendError::Io { op: "read", os_error: Some(5) })
-        }
-        fn write_at(&self, _: u64, _: &[u8]) -> Result<(), BackendError> {
-            Err(BackendError::Io { op: "write", os_error: Some(5) })
-        }
-        fn flush(&self) -> Result<(), BackendError> {
-            Err(BackendError::Io { op: "flush", os_error: None })
-        }
+    /// A backend whose every operation fails; write-zeroes is not there
+    /// at all.
+    fn broken() -> FaultyDisk {
+        let features = BackendFeatures { flush: true, ..BackendFeatures::default() };
+        FaultyDisk::ram(65536).with_features(features).on(|op| match op {
+            BackendOp::WriteZeroes { .. } => Err(BackendError::Unsupported),
+            _ => Err(BackendError::Io { op: "any", os_error: Some(5) }),
+        })
     }
 
     #[test]
@@ -867,56 +847,36 @@ mod tests {
             rig.mem.put(0x1_2000, &seg(0, 1, 0));
             let c = simple(&rig, kind, 0, len, writable);
             assert_eq!(
-                rig.run_on(&c, Some(&Broken)),
+                rig.run_on(&c, Some(&broken())),
                 Completion { status: Some(want), used_len: 1 }
             );
-        }
-    }
-
-    /// A RAM disk whose flush fails once `fail` is set, counting flushes.
-    struct Flaky {
-        disk: RamDisk,
-        flushes: core::sync::atomic::AtomicU32,
-        fail: bool,
-    }
-    impl BlockBackend for Flaky {
-        fn size(&self) -> u64 {
-            self.disk.size()
-        }
-        fn features(&self) -> BackendFeatures {
-            self.disk.features()
-        }
-        fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), BackendError> {
-            self.disk.read_at(o, b)
-        }
-        fn write_at(&self, o: u64, b: &[u8]) -> Result<(), BackendError> {
-            self.disk.write_at(o, b)
-        }
-        fn flush(&self) -> Result<(), BackendError> {
-            self.flushes.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-            if self.fail { Err(BackendError::Io { op: "flush", os_error: None }) } else { Ok(()) }
         }
     }
 
     #[test]
     fn writethrough_flushes_after_every_write() {
         let mut rig = Rig::new();
-        let mut flaky = Flaky { disk: RamDisk::new(65536), flushes: 0.into(), fail: false };
+        // Flushes fail once `fail` is set.
+        let fail = Arc::new(AtomicBool::new(false));
+        let failing = fail.clone();
+        let flaky = FaultyDisk::ram(65536).on(move |op| match op {
+            // Relaxed: set and read on the test's one thread.
+            BackendOp::Flush if failing.load(Ordering::Relaxed) => {
+                Err(BackendError::Io { op: "flush", os_error: None })
+            }
+            _ => Ok(()),
+        });
         let c = simple(&rig, T_OUT, 0, 512, false);
         assert_eq!(rig.run_on(&c, Some(&flaky)).status, Some(S_OK));
-        assert_eq!(flaky.flushes.load(core::sync::atomic::Ordering::Relaxed), 0, "writeback");
+        assert_eq!(flaky.count(BackendOp::Flush), 0, "writeback");
         rig.writethrough = true;
         assert_eq!(rig.run_on(&c, Some(&flaky)).status, Some(S_OK));
-        assert_eq!(flaky.flushes.load(core::sync::atomic::Ordering::Relaxed), 1, "writethrough");
+        assert_eq!(flaky.count(BackendOp::Flush), 1, "writethrough");
         let c = simple(&rig, T_IN, 0, 512, true);
         assert_eq!(rig.run_on(&c, Some(&flaky)).status, Some(S_OK));
-        assert_eq!(
-            flaky.flushes.load(core::sync::atomic::Ordering::Relaxed),
-            1,
-            "reads do not flush"
-        );
+        assert_eq!(flaky.count(BackendOp::Flush), 1, "reads do not flush");
         // A write whose flush fails is not reported as done.
-        flaky.fail = true;
+        fail.store(true, Ordering::Relaxed);
         let c = simple(&rig, T_OUT, 0, 512, false);
         assert_eq!(rig.run_on(&c, Some(&flaky)).status, Some(S_IOERR));
     }

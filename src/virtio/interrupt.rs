@@ -4,7 +4,7 @@
 //! Two traits split the job:
 //! - [`Interrupt`] is what a device calls: "raise a used-buffer interrupt for
 //!   queue k", "raise a config-change interrupt", "I need a reset".
-//! - [`IrqLine`] (the crate-wide trait, re-exported here) is what the VMM
+//! - [`IrqLine`] (the crate-wide trait) is what the VMM
 //!   implements: one guest interrupt line (a GIC SPI, an IOAPIC pin, a PLIC
 //!   source), pulsed for edge-triggered wiring or driven high/low for
 //!   level-triggered wiring.
@@ -12,14 +12,17 @@
 //! [`InterruptStatus`] sits between them for transports that have an
 //! InterruptStatus register (virtio-mmio): it keeps the pending bits until
 //! the driver acknowledges them and drives the line accordingly.
-//! [`RecordingIrq`] implements both traits and records every call, for tests.
+//!
+//! The dependency points one way: this module builds on the crate's
+//! [`irq`](crate::IrqLine) wiring; nothing there knows about virtio.
 
 use alloc::sync::Arc;
-use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
-pub use crate::irq::IrqLine;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use crate::irq::IrqLine;
 use crate::sync::Mutex;
+use crate::virtio::spec::interrupt::{CONFIG_CHANGE, USED_BUFFER};
 
 /// Why a device interrupts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,16 +40,11 @@ impl InterruptCause {
     /// The bit this cause sets in the virtio-mmio InterruptStatus register.
     pub const fn status_bit(self) -> u32 {
         match self {
-            InterruptCause::UsedBuffer { .. } => INT_USED_BUFFER,
-            InterruptCause::ConfigChange => INT_CONFIG_CHANGE,
+            InterruptCause::UsedBuffer { .. } => USED_BUFFER,
+            InterruptCause::ConfigChange => CONFIG_CHANGE,
         }
     }
 }
-
-/// InterruptStatus bit 0: a used buffer notification is pending.
-pub const INT_USED_BUFFER: u32 = 1;
-/// InterruptStatus bit 1: a configuration change notification is pending.
-pub const INT_CONFIG_CHANGE: u32 = 2;
 
 /// The interrupt of one virtio device, as the device sees it.
 ///
@@ -144,7 +142,7 @@ impl InterruptStatus {
         }
     }
 
-    /// The pending bits ([`INT_USED_BUFFER`], [`INT_CONFIG_CHANGE`]).
+    /// The pending bits ([`USED_BUFFER`], [`CONFIG_CHANGE`]).
     pub fn status(&self) -> u32 {
         // Acquire pairs with the AcqRel `fetch_or` in `raise`: a driver that
         // sees the bit also sees the used ring the device published before.
@@ -236,111 +234,11 @@ impl Interrupt for InterruptStatus {
     }
 }
 
-/// One call recorded by [`RecordingIrq`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IrqEvent {
-    /// [`Interrupt::raise`] was called.
-    Raised(InterruptCause),
-    /// [`Interrupt::needs_reset`] was called.
-    NeedsReset,
-    /// [`IrqLine::pulse`] was called.
-    Pulse,
-    /// [`IrqLine::set_level`] was called.
-    Level(bool),
-}
-
-/// Records every interrupt, for tests: usable both as a device's
-/// [`Interrupt`] (no transport in between) and as the VMM's [`IrqLine`]
-/// (behind an [`InterruptStatus`]).
-///
-/// # Example
-/// ```
-/// use vmio::virtio::{Interrupt, InterruptCause, RecordingIrq};
-///
-/// let irq = RecordingIrq::new();
-/// irq.raise(InterruptCause::UsedBuffer { queue: 1 });
-/// assert_eq!(irq.used_count(1), 1);
-/// assert_eq!(irq.used_count(0), 0);
-/// ```
-#[derive(Debug, Default)]
-pub struct RecordingIrq {
-    events: Mutex<Vec<IrqEvent>>,
-    pulses: AtomicUsize,
-    level: AtomicBool,
-}
-
-impl RecordingIrq {
-    /// Nothing recorded, line low.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Everything recorded so far, oldest first.
-    pub fn events(&self) -> Vec<IrqEvent> {
-        self.events.lock().clone()
-    }
-
-    /// Returns and forgets everything recorded so far.
-    pub fn take(&self) -> Vec<IrqEvent> {
-        core::mem::take(&mut *self.events.lock())
-    }
-
-    /// How many used-buffer interrupts were raised for `queue`.
-    pub fn used_count(&self, queue: u16) -> usize {
-        let used = IrqEvent::Raised(InterruptCause::UsedBuffer { queue });
-        self.events.lock().iter().filter(|&&e| e == used).count()
-    }
-
-    /// How many config-change interrupts were raised.
-    pub fn config_count(&self) -> usize {
-        let cfg = IrqEvent::Raised(InterruptCause::ConfigChange);
-        self.events.lock().iter().filter(|&&e| e == cfg).count()
-    }
-
-    /// Whether [`Interrupt::needs_reset`] was called.
-    pub fn needs_reset_seen(&self) -> bool {
-        self.events.lock().contains(&IrqEvent::NeedsReset)
-    }
-
-    /// How many edges were delivered.
-    pub fn pulses(&self) -> usize {
-        // Relaxed: a counter read by the test thread after the fact.
-        self.pulses.load(Ordering::Relaxed)
-    }
-
-    /// The level of the line (level-triggered use).
-    pub fn level(&self) -> bool {
-        // Relaxed: a flag read by the test thread after the fact.
-        self.level.load(Ordering::Relaxed)
-    }
-}
-
-impl Interrupt for RecordingIrq {
-    fn raise(&self, cause: InterruptCause) {
-        self.events.lock().push(IrqEvent::Raised(cause));
-    }
-    fn needs_reset(&self) {
-        self.events.lock().push(IrqEvent::NeedsReset);
-        self.raise(InterruptCause::ConfigChange);
-    }
-}
-
-impl IrqLine for RecordingIrq {
-    fn pulse(&self) {
-        // Relaxed: see `pulses`.
-        self.pulses.fetch_add(1, Ordering::Relaxed);
-        self.events.lock().push(IrqEvent::Pulse);
-    }
-    fn set_level(&self, asserted: bool) {
-        // Relaxed: see `level`.
-        self.level.store(asserted, Ordering::Relaxed);
-        self.events.lock().push(IrqEvent::Level(asserted));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::RecordingIrq;
+    use alloc::vec::Vec;
 
     #[test]
     fn edge_pulses_per_raise_and_bits_stay_until_ack() {
@@ -356,13 +254,13 @@ mod tests {
         st.raise(InterruptCause::UsedBuffer { queue: 0 });
         st.raise(InterruptCause::UsedBuffer { queue: 3 });
         assert_eq!(line.pulses(), 2);
-        assert_eq!(st.status(), INT_USED_BUFFER);
+        assert_eq!(st.status(), USED_BUFFER);
         let g = st.config_generation();
         st.raise(InterruptCause::ConfigChange);
-        assert_eq!(st.status(), INT_USED_BUFFER | INT_CONFIG_CHANGE);
+        assert_eq!(st.status(), USED_BUFFER | CONFIG_CHANGE);
         assert_ne!(st.config_generation(), g);
-        st.ack(INT_USED_BUFFER);
-        assert_eq!(st.status(), INT_CONFIG_CHANGE);
+        st.ack(USED_BUFFER);
+        assert_eq!(st.status(), CONFIG_CHANGE);
         st.reset();
         assert_eq!(st.status(), 0);
     }
@@ -375,9 +273,9 @@ mod tests {
         st.raise(InterruptCause::UsedBuffer { queue: 0 });
         assert!(line.level());
         st.raise(InterruptCause::ConfigChange);
-        st.ack(INT_USED_BUFFER);
+        st.ack(USED_BUFFER);
         assert!(line.level(), "config bit still pending");
-        st.ack(INT_CONFIG_CHANGE);
+        st.ack(CONFIG_CHANGE);
         assert!(!line.level());
         assert_eq!(line.pulses(), 0);
     }
@@ -484,7 +382,7 @@ mod tests {
         st.set_enabled(true);
         st.needs_reset();
         assert!(st.needs_reset_pending());
-        assert_eq!(st.status(), INT_CONFIG_CHANGE);
+        assert_eq!(st.status(), CONFIG_CHANGE);
         st.reset();
         assert!(!st.needs_reset_pending());
     }

@@ -106,7 +106,7 @@ fn for_each_piece<B: Bitmap + Send + Sync + 'static>(
 /// ```
 /// use std::sync::Arc;
 /// use vm_memory::{GuestAddress, GuestMemoryMmap};
-/// use vmio::virtio::{GuestMemory, MemoryError};
+/// use vmio::{GuestMemory, MemoryError};
 ///
 /// // The VMM's RAM: 1 MiB at 2 GiB (and what it hands KVM, unchanged).
 /// let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x8000_0000), 1 << 20)])?;
