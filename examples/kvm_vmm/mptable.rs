@@ -4,9 +4,13 @@
 //! Linux scans the last KiB of base memory for the floating pointer
 //! (`_MP_`), which points at the configuration table (`PCMP`) right behind
 //! it: one processor entry per vCPU, one ISA bus, the IOAPIC KVM emulates
-//! (KVM_CREATE_IRQCHIP) and one interrupt entry per IOAPIC pin, ISA IRQ n on
-//! pin n with the bus's default polarity and trigger (edge, active high),
-//! plus the two local interrupts (ExtINT on LINT0, NMI on LINT1).
+//! (KVM_CREATE_IRQCHIP) and one interrupt entry per IOAPIC pin with the
+//! bus's default polarity and trigger (edge, active high), plus the two
+//! local interrupts (ExtINT on LINT0, NMI on LINT1).
+//!
+//! ISA IRQ n is on pin n, except IRQ 0: KVM wires GSI 0 (the PIT) to
+//! IOAPIC pin 2, as PC chipsets do (ACPI describes it as an interrupt
+//! source override), so the table says IRQ 0 → pin 2 and has no IRQ 2.
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -17,6 +21,8 @@ const LAPIC_ADDR: u32 = 0xfee0_0000;
 const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Pins of KVM's IOAPIC.
 pub const IOAPIC_PINS: u8 = 24;
+/// The IOAPIC pin KVM's PIT (GSI 0) raises.
+const PIT_PIN: u8 = 2;
 /// Room the table may take (the reserved EBDA area is larger, but Linux
 /// only looks for the floating pointer in its first KiB).
 const MAX_LEN: usize = 0x400;
@@ -79,10 +85,11 @@ pub fn build(at: u64, cpus: usize) -> Result<Vec<u8>, String> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
-    for pin in 0..IOAPIC_PINS {
+    for irq in (0..IOAPIC_PINS).filter(|&irq| irq != PIT_PIN) {
+        let pin = if irq == 0 { PIT_PIN } else { irq };
         entries.extend_from_slice(&[ENTRY_INTSRC, IRQ_INT]);
         entries.extend_from_slice(&IRQ_FLAGS_BUS_DEFAULT.to_le_bytes());
-        entries.extend_from_slice(&[0, pin, ioapic, pin]);
+        entries.extend_from_slice(&[0, irq, ioapic, pin]);
         count += 1;
     }
     for (kind, dest, lint) in [(IRQ_EXTINT, 0, 0), (IRQ_NMI, 0xff, 1)] {

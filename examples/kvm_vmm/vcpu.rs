@@ -109,6 +109,10 @@ pub struct VcpuStats {
     pub unmapped: BTreeMap<(&'static str, u64, bool), u64>,
     /// Accesses a device refused or that straddled a device's end.
     pub refused: u64,
+    /// Where the vCPU was when its loop ended.
+    pub final_rip: Option<u64>,
+    /// Guest RIPs seen when kicked (`--sample-ms`): address → count.
+    pub samples: BTreeMap<u64, u64>,
 }
 
 /// Observes the queue setup the guest writes to each disk, to read the used
@@ -439,6 +443,11 @@ pub fn run(id: u32, mut vcpu: VcpuFd, shared: &Shared) -> VcpuStats {
             Err(e) if e.errno() == libc::EINTR => {
                 l.stats.exits[KICK] += 1;
                 vcpu.set_kvm_immediate_exit(0);
+                if !shared.run.stopping() {
+                    if let Ok(regs) = vcpu.get_regs() {
+                        *l.stats.samples.entry(regs.rip).or_default() += 1;
+                    }
+                }
             }
             Err(e) if e.errno() == libc::EAGAIN => {}
             Err(e) => {
@@ -448,5 +457,6 @@ pub fn run(id: u32, mut vcpu: VcpuFd, shared: &Shared) -> VcpuStats {
         }
     }
     l.stats.total = start.elapsed();
+    l.stats.final_rip = vcpu.get_regs().ok().map(|r| r.rip);
     l.stats
 }

@@ -42,11 +42,12 @@ struct Options {
     timeout: Duration,
     hotplug: Option<Duration>,
     inline: bool,
+    sample: Option<Duration>,
 }
 
 const USAGE: &str = "usage: kvm_vmm --kernel VMLINUX [--config vm.toml] [--disk NAME=IMAGE]... \
 [--vcpus N] [--mem MIB] [--append ARGS] [--cmdline ARGS] [--initrd FILE] [--timeout SECS] \
-[--hotplug-ms MS (0: off)] [--inline-notify]";
+[--hotplug-ms MS (0: off)] [--inline-notify] [--sample-ms MS (profile guest RIPs)]";
 
 fn parse_args() -> Result<Options, String> {
     let mut o = Options {
@@ -60,6 +61,7 @@ fn parse_args() -> Result<Options, String> {
         timeout: Duration::from_secs(600),
         hotplug: Some(Duration::from_millis(100)),
         inline: false,
+        sample: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -90,6 +92,10 @@ fn parse_args() -> Result<Options, String> {
                 o.hotplug = (ms > 0).then(|| Duration::from_millis(ms));
             }
             "--inline-notify" => o.inline = true,
+            "--sample-ms" => {
+                let ms: u64 = value()?.parse().map_err(|e| format!("--sample-ms: {e}"))?;
+                o.sample = (ms > 0).then(|| Duration::from_millis(ms));
+            }
             "--help" | "-h" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -237,7 +243,24 @@ fn run(o: &Options, kvm: &Kvm) -> Result<bool, String> {
             .expect("spawn the hot-plug thread")
     });
 
-    let outcome = runstate.wait(o.timeout);
+    let outcome = match o.sample {
+        None => runstate.wait(o.timeout),
+        Some(period) => {
+            // Profiling: interrupt the vCPUs now and then; each records the
+            // guest RIP it was interrupted at.
+            let deadline = Instant::now() + o.timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if runstate.stopping() || left.is_zero() {
+                    break runstate.wait(Duration::ZERO);
+                }
+                thread::sleep(period.min(left));
+                for t in threads.iter().filter(|t| !t.is_finished()) {
+                    let _ = t.kill(SIGRTMIN());
+                }
+            }
+        }
+    };
     let stopped = start.elapsed();
     // Kick every vCPU out of KVM_RUN until its thread ends (a kick that
     // lands just before KVM_RUN is entered is missed, hence the repeats).
@@ -311,7 +334,15 @@ fn report(r: &Report<'_>) {
     println!("exits by kind (all vCPUs): {}", kinds.join(", "));
     for (id, s) in r.stats.iter().enumerate() {
         let n: u64 = s.exits.iter().sum();
-        println!("  vcpu {id}: {n} exits in {:.2} s", secs(s.total));
+        let rip = s.final_rip.map_or_else(|| "?".into(), |r| format!("{r:#x}"));
+        println!("  vcpu {id}: {n} exits in {:.2} s, stopped at rip {rip}", secs(s.total));
+        if !s.samples.is_empty() {
+            let mut top: Vec<(u64, u64)> = s.samples.iter().map(|(&a, &n)| (a, n)).collect();
+            top.sort_by(|a, b| b.1.cmp(&a.1));
+            let top: Vec<String> =
+                top.iter().take(12).map(|(a, n)| format!("{a:#x} x{n}")).collect();
+            println!("    RIP samples: {}", top.join(", "));
+        }
     }
     let total: Duration = r.stats.iter().map(|s| s.total).sum();
     let dispatch: Duration = r.stats.iter().map(|s| s.dispatch).sum();
