@@ -443,10 +443,10 @@ pub fn run(id: u32, mut vcpu: VcpuFd, shared: &Shared) -> VcpuStats {
             Err(e) if e.errno() == libc::EINTR => {
                 l.stats.exits[KICK] += 1;
                 vcpu.set_kvm_immediate_exit(0);
-                if !shared.run.stopping() {
-                    if let Ok(regs) = vcpu.get_regs() {
-                        *l.stats.samples.entry(regs.rip).or_default() += 1;
-                    }
+                if !shared.run.stopping()
+                    && let Ok(regs) = vcpu.get_regs()
+                {
+                    *l.stats.samples.entry(regs.rip).or_default() += 1;
                 }
             }
             Err(e) if e.errno() == libc::EAGAIN => {}

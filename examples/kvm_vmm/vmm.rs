@@ -338,7 +338,7 @@ fn report(r: &Report<'_>) {
         println!("  vcpu {id}: {n} exits in {:.2} s, stopped at rip {rip}", secs(s.total));
         if !s.samples.is_empty() {
             let mut top: Vec<(u64, u64)> = s.samples.iter().map(|(&a, &n)| (a, n)).collect();
-            top.sort_by(|a, b| b.1.cmp(&a.1));
+            top.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
             let top: Vec<String> =
                 top.iter().take(12).map(|(a, n)| format!("{a:#x} x{n}")).collect();
             println!("    RIP samples: {}", top.join(", "));
