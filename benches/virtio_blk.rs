@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use glue::{BlkQueue, RAM_BASE, RequestBufs, T_IN, T_OUT, bring_up, guest_ram};
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
-use vmio::virtio::{GuestMemory, IrqLine, MmioTransport, Trigger};
+use vmio::virtio::{IrqLine, MmioTransport, Trigger};
 use vmio::{IoBus, IoRange, Mmio};
 
 const BASE: u64 = 0x1000_0000;

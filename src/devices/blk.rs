@@ -13,7 +13,14 @@ use super::{BuildEnv, Built};
 /// backend, so `DeviceManager::device::<VirtioBlkMmio>(name)` finds it.
 pub type VirtioBlkMmio = MmioTransport<VirtioBlk<Arc<dyn BlockBackend>>>;
 
-/// Largest RAM disk the kind creates: its chunk table is allocated up front.
+/// Largest RAM disk the kind creates from a configuration. Creating one
+/// costs next to nothing (on Linux its pages are mapped lazily, and the
+/// chunk locks are a fixed set of 1024 stripes whatever the size), but the
+/// guest can make every sector resident by writing it, and a RAM disk never
+/// gives memory back while it lives (discard and write-zeroes only zero), so
+/// this bounds the host RAM one configured disk can take; bigger disks
+/// belong in a file (`path`). Without `std` the disk is allocated and
+/// zeroed in full when created.
 pub const MAX_RAM_DISK: u64 = 4 << 30;
 
 /// Bytes of MMIO window a virtio-mmio device decodes (registers and config).

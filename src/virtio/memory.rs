@@ -11,24 +11,42 @@
 //! # Aliasing
 //!
 //! Guest memory is shared with the guest, which writes it concurrently from
-//! its own vCPUs while the device reads it. Rust references (`&[u8]`,
-//! `&mut [u8]`) promise that nobody else mutates the bytes for their lifetime,
-//! a promise that cannot be kept here, so [`GuestRam`] never creates one into
-//! guest memory. Bulk data moves with raw-pointer copies into and out of
-//! host-owned buffers; the device validates what it copied, never the guest's
-//! bytes in place, so a guest that rewrites a descriptor while the device
-//! parses it only changes which (validated) value the device sees, never
-//! whether it is checked (no time-of-check/time-of-use window). The ring
-//! index fields that carry the driver/device handshake (`avail.idx`,
-//! `used.idx`) go through [`GuestMemory::load_u16`] and
-//! [`GuestMemory::store_u16`], real atomic accesses with the orderings the
-//! virtio memory model needs.
+//! its own vCPUs (in a VMM, other threads of the same process) while the
+//! device reads it. Rust references (`&[u8]`, `&mut [u8]`) promise that
+//! nobody else mutates the bytes for their lifetime, a promise that cannot be
+//! kept here, so vmio never creates one into guest memory, and never keeps a
+//! pointer into it from one call to the next. What it does instead, in
+//! [`GuestRam`] and in the `vm-memory` implementation alike:
+//!
+//! - small copies (up to 16 bytes: descriptors, request headers, used
+//!   elements, status bytes) are volatile loads and stores, so the compiler
+//!   can neither re-read guest memory after the copy was validated nor merge
+//!   or invent accesses;
+//! - larger copies (data buffers) are one `ptr::copy_nonoverlapping` between
+//!   guest memory and a host-owned buffer, the contents of which are never
+//!   trusted;
+//! - the ring index fields that carry the driver/device handshake
+//!   (`avail.idx`, `used.idx`, the event indices) go through
+//!   [`GuestMemory::load_u16`] and [`GuestMemory::store_u16`], real atomic
+//!   accesses with the orderings the virtio memory model needs.
+//!
+//! The device validates what it copied, never the guest's bytes in place, so
+//! a guest that rewrites a descriptor while the device parses it only changes
+//! which (validated) value the device sees, never whether it is checked (no
+//! time-of-check/time-of-use window). A copy that races with a guest write
+//! may see any mix of old and new bytes; that is the guest's problem, never
+//! the host's.
 
 use alloc::vec::Vec;
-use core::alloc::Layout;
 use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU16, Ordering, fence};
+
+mod pages;
+#[cfg(feature = "vm-memory")]
+mod vm_memory;
+
+pub(crate) use pages::ZeroedPages;
 
 /// Why a guest memory access was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +98,11 @@ impl core::error::Error for MemoryError {}
 /// guest writing the same bytes concurrently (see the [module
 /// docs](self#aliasing)). All multi-byte helpers are little-endian, as virtio
 /// 1.x is.
+///
+/// vmio implements it for [`GuestRam`] and, with the `vm-memory` feature,
+/// for rust-vmm's `vm_memory::GuestMemoryMmap`, so a VMM built on rust-vmm
+/// passes its `Arc<GuestMemoryMmap>` to the devices as
+/// `Arc<dyn GuestMemory>`.
 pub trait GuestMemory: Send + Sync {
     /// Copies `buf.len()` bytes starting at guest address `addr` into `buf`.
     ///
@@ -278,16 +301,21 @@ struct Region {
     len: u64,
     /// Host address of the first byte.
     ptr: NonNull<u8>,
-    /// The layout to free with, when we allocated the region ourselves.
-    owned: Option<Layout>,
+    /// The memory behind `ptr` when the region is ours (freed on drop);
+    /// `None` for memory lent by [`GuestRam::from_host`].
+    _owned: Option<ZeroedPages>,
 }
 
 /// Host memory standing for guest physical memory: one or more regions at
 /// guest-physical addresses, for tests and simple VMMs (std and no_std).
 ///
-/// Regions either belong to the `GuestRam` (allocated zeroed, page-aligned,
-/// freed on drop) or are borrowed from the VMM with
-/// [`from_host`](Self::from_host). Accesses may cross from one region into
+/// Regions either belong to the `GuestRam` (zero-filled, page-aligned, freed
+/// on drop) or are borrowed from the VMM with [`from_host`](Self::from_host).
+/// Its own regions cost nothing until written: on Linux with `std` they are
+/// anonymous mappings whose pages the kernel provides on first write, so a
+/// 1 GiB guest RAM is created in microseconds and is resident only where the
+/// guest (or the device) wrote; without `std` they come from
+/// `alloc_zeroed`. Accesses may cross from one region into
 /// the next when they are adjacent; any byte that falls in a hole is an error.
 ///
 /// # Example
@@ -311,16 +339,14 @@ pub struct GuestRam {
 }
 
 // SAFETY: a `GuestRam` only holds pointers to memory it owns or that the
-// creator of `from_host` promised stays valid; every access goes through raw
-// pointer copies or atomics (no references), so sharing it between threads
-// adds no aliasing that a single thread would not have.
+// creator of `from_host` promised stays mapped; every access goes through
+// volatile or raw-pointer copies or atomics (never a reference, never a
+// pointer kept between calls), the accesses the memory is shared under
+// anyway, so using it from several threads adds nothing a guest writing the
+// same memory from its vCPUs does not already do.
 unsafe impl Send for GuestRam {}
 // SAFETY: see `Send`; `&GuestRam` only offers copies and atomic accesses.
 unsafe impl Sync for GuestRam {}
-
-/// Host pages are the natural alignment for guest RAM, and 8-byte alignment
-/// (which any page alignment gives) keeps ring fields atomic-capable.
-const RAM_ALIGN: usize = 4096;
 
 impl GuestRam {
     /// One zeroed region of `size` bytes at guest-physical `base`.
@@ -344,13 +370,11 @@ impl GuestRam {
         let mut ram = GuestRam { regions: Vec::with_capacity(regions.len()) };
         for &(base, len) in regions {
             let size = usize::try_from(len).map_err(|_| GuestRamError::Alloc { size: len })?;
-            let layout = Layout::from_size_align(size, RAM_ALIGN)
-                .map_err(|_| GuestRamError::Alloc { size: len })?;
-            // SAFETY: `validate` refused zero-sized regions, so the layout
-            // has a non-zero size as `alloc_zeroed` requires.
-            let raw = unsafe { alloc::alloc::alloc_zeroed(layout) };
-            let ptr = NonNull::new(raw).ok_or(GuestRamError::Alloc { size: len })?;
-            ram.regions.push(Region { base, len, ptr, owned: Some(layout) });
+            // Zero-filled and page-aligned (ring fields stay
+            // atomic-capable); untouched pages cost nothing on Linux.
+            let pages = ZeroedPages::new(size).ok_or(GuestRamError::Alloc { size: len })?;
+            let ptr = pages.as_ptr();
+            ram.regions.push(Region { base, len, ptr, _owned: Some(pages) });
         }
         ram.regions.sort_by_key(|r| r.base);
         Ok(ram)
@@ -364,17 +388,29 @@ impl GuestRam {
     /// As for [`with_regions`](Self::with_regions) (never `Alloc`).
     ///
     /// # Safety
-    /// For as long as the returned value lives, each `ptr` must be valid for
-    /// reads and writes of `size` bytes, must not be freed or unmapped, and
-    /// must not be accessed through Rust references by anyone else (other
-    /// raw-pointer or guest accesses are fine: that is the aliasing model
-    /// this type is built for).
+    /// What vmio guarantees in return is in the [module docs](self#aliasing):
+    /// it reaches these bytes only with volatile and raw-pointer copies and
+    /// atomic `u16` accesses, holds no Rust reference to them and no pointer
+    /// between two calls, and tolerates anyone (the guest's vCPUs, other
+    /// threads of the VMM) reading and writing them at the same time. So the
+    /// caller must only ensure that, for as long as the returned value lives:
+    ///
+    /// - each `ptr` is valid for reads and writes of `size` bytes: mapped
+    ///   readable and writable, not freed, unmapped or remapped;
+    /// - no `[ptr, ptr + size)` overlaps another region's, nor host memory
+    ///   that the VMM passes to vmio as a buffer of its own (a block
+    ///   backend's storage, a `&mut [u8]` handed to a device);
+    /// - no Rust code holds a reference (`&[u8]`, `&mut [u8]`, `&T`) into
+    ///   those bytes while vmio may access them. Sharing them with the guest
+    ///   (KVM, a vCPU thread), with DMA, or with code that itself uses raw
+    ///   pointers, volatile or atomic accesses is exactly what this type is
+    ///   built for and needs nothing more.
     pub unsafe fn from_host(regions: &[(u64, NonNull<u8>, u64)]) -> Result<Self, GuestRamError> {
         let ranges: Vec<(u64, u64)> = regions.iter().map(|&(b, _, s)| (b, s)).collect();
         Self::validate(&ranges)?;
         let mut out: Vec<Region> = regions
             .iter()
-            .map(|&(base, ptr, len)| Region { base, len, ptr, owned: None })
+            .map(|&(base, ptr, len)| Region { base, len, ptr, _owned: None })
             .collect();
         out.sort_by_key(|r| r.base);
         Ok(GuestRam { regions: out })
@@ -463,13 +499,74 @@ impl GuestRam {
     }
 }
 
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        for r in &self.regions {
-            if let Some(layout) = r.owned {
-                // SAFETY: the region was allocated in `with_regions` with this
-                // very layout and is freed exactly once, here.
-                unsafe { alloc::alloc::dealloc(r.ptr.as_ptr(), layout) };
+/// Copies up to this many bytes with volatile accesses (descriptors,
+/// headers, used elements, status bytes); longer copies are bulk data.
+const VOLATILE_MAX: usize = 16;
+
+/// Copies `n` bytes of guest memory at `src` to the host buffer at `dst`.
+///
+/// # Safety
+/// `src` is valid for reads and `dst` for writes of `n` bytes, and they do
+/// not overlap.
+#[inline(always)]
+unsafe fn copy_from_guest(src: *const u8, dst: *mut u8, n: usize) {
+    if n > VOLATILE_MAX {
+        // SAFETY: the caller's contract.
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, n) };
+        return;
+    }
+    let mut i = 0;
+    while i < n {
+        // SAFETY: `i < n`, so `src + i` and `dst + i` are in bounds; each
+        // volatile load is as wide as both the bytes left and the guest
+        // pointer's alignment allow, and host-side stores are unaligned.
+        unsafe {
+            let (s, d, left) = (src.add(i), dst.add(i), n - i);
+            if left >= 8 && s.cast::<u64>().is_aligned() {
+                d.cast::<u64>().write_unaligned(s.cast::<u64>().read_volatile());
+                i += 8;
+            } else if left >= 4 && s.cast::<u32>().is_aligned() {
+                d.cast::<u32>().write_unaligned(s.cast::<u32>().read_volatile());
+                i += 4;
+            } else if left >= 2 && s.cast::<u16>().is_aligned() {
+                d.cast::<u16>().write_unaligned(s.cast::<u16>().read_volatile());
+                i += 2;
+            } else {
+                d.write(s.read_volatile());
+                i += 1;
+            }
+        }
+    }
+}
+
+/// Copies `n` bytes of the host buffer at `src` to guest memory at `dst`.
+///
+/// # Safety
+/// As for [`copy_from_guest`].
+#[inline(always)]
+unsafe fn copy_to_guest(src: *const u8, dst: *mut u8, n: usize) {
+    if n > VOLATILE_MAX {
+        // SAFETY: the caller's contract.
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, n) };
+        return;
+    }
+    let mut i = 0;
+    while i < n {
+        // SAFETY: as in `copy_from_guest`, with the guest on the store side.
+        unsafe {
+            let (s, d, left) = (src.add(i), dst.add(i), n - i);
+            if left >= 8 && d.cast::<u64>().is_aligned() {
+                d.cast::<u64>().write_volatile(s.cast::<u64>().read_unaligned());
+                i += 8;
+            } else if left >= 4 && d.cast::<u32>().is_aligned() {
+                d.cast::<u32>().write_volatile(s.cast::<u32>().read_unaligned());
+                i += 4;
+            } else if left >= 2 && d.cast::<u16>().is_aligned() {
+                d.cast::<u16>().write_volatile(s.cast::<u16>().read_unaligned());
+                i += 2;
+            } else {
+                d.write_volatile(s.read());
+                i += 1;
             }
         }
     }
@@ -483,7 +580,7 @@ impl GuestMemory for GuestRam {
             // SAFETY: `src` is valid for `n` bytes (checked by
             // `for_each_piece`); `dst + at .. + n` lies inside `buf`; host
             // buffers never overlap guest RAM we own or were lent.
-            unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(at), n) };
+            unsafe { copy_from_guest(src.as_ptr(), dst.add(at), n) };
         })
     }
 
@@ -492,7 +589,7 @@ impl GuestMemory for GuestRam {
         let src = data.as_ptr();
         self.for_each_piece(addr, data.len() as u64, |dst, at, n| {
             // SAFETY: as in `read`, with the roles swapped.
-            unsafe { core::ptr::copy_nonoverlapping(src.add(at), dst.as_ptr(), n) };
+            unsafe { copy_to_guest(src.add(at), dst.as_ptr(), n) };
         })
     }
 
@@ -643,6 +740,32 @@ mod tests {
         assert_eq!(ram.read_u8_pair(0x80), [0, 0]);
         assert!(ram.fill(0xf0, 0x11, 1).is_err());
         assert_eq!(ram.read_u8_pair(0xf0), [0, 0], "a refused fill writes nothing");
+    }
+
+    #[test]
+    fn small_and_bulk_copies_at_every_alignment() {
+        // Lengths on both sides of the volatile/bulk threshold, at every
+        // alignment: each copy moves exactly its bytes, no neighbour.
+        let ram = GuestRam::new(0x1000, 0x200).unwrap();
+        let pattern: Vec<u8> = (1..=40u8).collect();
+        for len in 0..=pattern.len() {
+            for at in 0x1100..0x1108u64 {
+                ram.fill(0x1100 - 8, 64, 0).unwrap();
+                ram.write(at, &pattern[..len]).unwrap();
+                let mut around = [0xffu8; 64];
+                ram.read(0x1100 - 8, &mut around).unwrap();
+                let start = (at - 0x1100 + 8) as usize;
+                assert!(around[..start].iter().all(|&b| b == 0), "len {len} at {at:#x}: before");
+                assert_eq!(&around[start..start + len], &pattern[..len], "len {len} at {at:#x}");
+                assert!(
+                    around[start + len..].iter().all(|&b| b == 0),
+                    "len {len} at {at:#x}: after"
+                );
+                let mut back = [0u8; 40];
+                ram.read(at, &mut back[..len]).unwrap();
+                assert_eq!(&back[..len], &pattern[..len], "read back, len {len} at {at:#x}");
+            }
+        }
     }
 
     impl GuestRam {

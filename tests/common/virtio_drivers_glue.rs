@@ -4,10 +4,11 @@
 //! - [`BusTransport`] implements its `Transport` by turning every call into
 //!   the 32-bit (or narrower, for config space) MMIO accesses a guest would
 //!   make, dispatched through an [`IoBus`] to the virtio-mmio transport.
-//! - [`GuestHal`] implements its `Hal` over one process-wide [`GuestRam`]:
-//!   DMA pages come from guest RAM, and driver buffers outside guest RAM are
-//!   bounced through it (copied in on `share`, back on `unshare`), exactly
-//!   what a swiotlb does in a confidential guest.
+//! - [`GuestHal`] implements its `Hal` over one process-wide guest RAM (a
+//!   [`GuestRam`] unless the test binary chose another [`GuestMemory`] with
+//!   [`use_guest_memory`]): DMA pages come from guest RAM, and driver buffers
+//!   outside guest RAM are bounced through it (copied in on `share`, back on
+//!   `unshare`), exactly what a swiotlb does in a confidential guest.
 #![allow(dead_code)]
 
 use std::cell::RefCell;
@@ -28,25 +29,37 @@ pub const RAM_SIZE: u64 = 64 << 20;
 const PAGES: usize = (RAM_SIZE / PAGE_SIZE as u64) as usize;
 
 struct Ram {
-    ram: Arc<GuestRam>,
+    ram: Arc<dyn GuestMemory>,
     /// Host address of guest-physical `RAM_BASE`.
     host: usize,
     /// One flag per page: allocated.
     used: Mutex<Vec<bool>>,
 }
 
-fn ram() -> &'static Ram {
-    static RAM: OnceLock<Ram> = OnceLock::new();
-    RAM.get_or_init(|| {
-        let ram = Arc::new(GuestRam::new(RAM_BASE, RAM_SIZE).expect("guest RAM"));
+static RAM: OnceLock<Ram> = OnceLock::new();
+
+impl Ram {
+    fn over(ram: Arc<dyn GuestMemory>) -> Self {
         let host =
             ram.host_ptr(RAM_BASE, RAM_SIZE).expect("one contiguous region").as_ptr() as usize;
         Ram { ram, host, used: Mutex::new(vec![false; PAGES]) }
-    })
+    }
+}
+
+fn ram() -> &'static Ram {
+    RAM.get_or_init(|| Ram::over(Arc::new(GuestRam::new(RAM_BASE, RAM_SIZE).expect("guest RAM"))))
+}
+
+/// Makes `memory` (one contiguous region of `RAM_SIZE` bytes at `RAM_BASE`)
+/// the guest RAM of this process instead of a [`GuestRam`]. Returns false
+/// when guest RAM was already in use (chosen earlier, or used by a test
+/// that ran first), so callers set it before anything else touches it.
+pub fn use_guest_memory(memory: Arc<dyn GuestMemory>) -> bool {
+    RAM.set(Ram::over(memory)).is_ok()
 }
 
 /// The guest RAM every [`GuestHal`] allocation lives in.
-pub fn guest_ram() -> Arc<GuestRam> {
+pub fn guest_ram() -> Arc<dyn GuestMemory> {
     ram().ram.clone()
 }
 

@@ -16,6 +16,8 @@ use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use crate::virtio::memory::ZeroedPages;
+
 /// Size of the virtio-blk sector, the unit of `capacity` and request sectors.
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -275,13 +277,23 @@ const LOCK_STRIPES: usize = 1024;
 
 /// A disk held in memory.
 ///
-/// The bytes live in one page-aligned, zero-initialized allocation (from
-/// the OS's zero pages on hosts whose allocator maps large blocks lazily, so
-/// untouched sectors cost no memory). Each 4 KiB chunk has its own lock, so
-/// requests from different queues touching different chunks never contend;
-/// a request spanning chunks takes their locks one after another, never two
-/// at once, so no lock ordering is needed. Requests on disjoint chunks copy
-/// straight between guest memory and the disk
+/// The bytes live in one page-aligned, zero-filled block that costs nothing
+/// until written: on Linux with `std` an anonymous mapping whose pages the
+/// kernel provides on first write (a 1 GiB disk is created in microseconds
+/// and is resident only where it was written; reading an unwritten sector
+/// returns zeroes from the kernel's shared zero page), without `std` an
+/// `alloc_zeroed` block. The price of laziness: the first write to a page
+/// also takes the page fault that provides it (the kernel zeroes a page,
+/// under that chunk's lock), and memory is committed then, not at creation,
+/// so a host out of memory fails on that write (the kernel's OOM handling),
+/// not in `new`; [`MAX_RAM_DISK`](crate::MAX_RAM_DISK) bounds what a
+/// configured disk can take.
+///
+/// Each 4 KiB chunk has its own lock, so requests from different queues
+/// touching different chunks never contend; a request spanning chunks takes
+/// their locks one after another, never two at once, so no lock ordering is
+/// needed. Requests on disjoint chunks copy straight between guest memory
+/// and the disk
 /// ([`read_to`](BlockBackend::read_to) / [`write_from`](BlockBackend::write_from)).
 ///
 /// # Example
@@ -299,6 +311,8 @@ pub struct RamDisk {
     /// `size` bytes (page-aligned); chunk `i` is only touched under
     /// `locks[i % locks.len()]`. Dangling when `size` is 0.
     data: NonNull<u8>,
+    /// The memory behind `data` (`None` when `size` is 0), freed on drop.
+    _pages: Option<ZeroedPages>,
     locks: Box<[ChunkLock]>,
     size: u64,
     read_only: bool,
@@ -372,23 +386,7 @@ impl fmt::Debug for RamDisk {
     }
 }
 
-impl Drop for RamDisk {
-    fn drop(&mut self) {
-        if let Some(layout) = Self::layout(self.size) {
-            // SAFETY: `data` came from `alloc_zeroed(layout)` in `new` with
-            // this same layout, and nothing borrows it any more (`&mut self`).
-            unsafe { alloc::alloc::dealloc(self.data.as_ptr(), layout) };
-        }
-    }
-}
-
 impl RamDisk {
-    /// The allocation for a disk of `size` bytes; `None` for an empty disk.
-    fn layout(size: u64) -> Option<Layout> {
-        let bytes = usize::try_from(size).ok().filter(|&b| b > 0)?;
-        Layout::from_size_align(bytes, CHUNK).ok()
-    }
-
     /// A zero-filled writable disk of `size` bytes, rounded down to whole
     /// sectors.
     ///
@@ -398,17 +396,18 @@ impl RamDisk {
     pub fn new(size: u64) -> Self {
         let size = size - size % SECTOR_SIZE;
         let bytes = usize::try_from(size).expect("a RAM disk must fit in host memory");
-        let data = match Self::layout(size) {
-            Some(layout) => {
-                // SAFETY: `layout` has a non-zero size (checked by `layout`).
-                let ptr = unsafe { alloc::alloc::alloc_zeroed(layout) };
-                NonNull::new(ptr).unwrap_or_else(|| alloc::alloc::handle_alloc_error(layout))
-            }
-            None => NonNull::dangling(),
-        };
+        // Page-aligned (a chunk is a page), so a 4 KiB-aligned request is
+        // one chunk and one lock.
+        let pages = (bytes > 0).then(|| {
+            ZeroedPages::new(bytes).unwrap_or_else(|| {
+                let layout = Layout::from_size_align(bytes, CHUNK).unwrap_or(Layout::new::<u8>());
+                alloc::alloc::handle_alloc_error(layout)
+            })
+        });
+        let data = pages.as_ref().map_or(NonNull::dangling(), ZeroedPages::as_ptr);
         let stripes = bytes.div_ceil(CHUNK).clamp(1, LOCK_STRIPES);
         let locks = (0..stripes).map(|_| ChunkLock::new()).collect::<Vec<_>>();
-        RamDisk { data, locks: locks.into_boxed_slice(), size, read_only: false }
+        RamDisk { data, _pages: pages, locks: locks.into_boxed_slice(), size, read_only: false }
     }
 
     /// A disk holding a copy of `image`, padded with zeroes to whole sectors.
