@@ -4,6 +4,11 @@
 //! requests on the RAM backend, fills the used ring and raises the
 //! interrupt; the driver reaps the completions.
 //!
+//! Two ways to serve a queue: `inline` (the notify write runs the requests
+//! on the vCPU thread, inside the bus's read section) and `deferred` (the
+//! notify signals a per-queue event; one `QueueWorkers` thread per queue
+//! serves it and raises the interrupt).
+//!
 //! Groups:
 //! * `copy_4k`: a plain 4 KiB memcpy, measured in the same run: `hot` copies
 //!   the same cache-resident block; `read_random` / `write_random` copy a
@@ -17,6 +22,18 @@
 //!   batch 32) the largest per-thread CPU time, which factors out other
 //!   processes on a shared host while still counting any spinning on a
 //!   contended lock: the queue-scaling figure on a busy machine.
+//!   `device-cputime` (batch 32): the CPU time spent inside the device's
+//!   serve calls, summed over all queues (on the vCPU inline, on the
+//!   workers deferred): divided by `32 × q` it is the device-side cost of
+//!   one request, with the handoff's wake-up excluded.
+//!   The `-deferred` groups are the same with per-queue workers.
+//! * `handoff`: the cost of the handoff itself. `event_roundtrip`: one
+//!   thread signals a `CondvarEvent` another waits on, which answers on a
+//!   second one (one iteration = two handoffs, each a futex wake of a
+//!   sleeping thread). `notify_empty_{inline,deferred}`: a QueueNotify
+//!   through the bus for a live, empty queue: inline it serves the empty
+//!   ring (notifications off, on, re-check), deferred it only signals the
+//!   event.
 //!
 //! Per-request overhead = time per request − the matching `copy_4k` floor.
 //! Run:
@@ -26,7 +43,7 @@
 mod glue;
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -35,8 +52,12 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use glue::{BlkQueue, RAM_BASE, RequestBufs, T_IN, T_OUT, bring_up, guest_ram};
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
-use vmio::virtio::{IrqLine, MmioTransport, Trigger};
-use vmio::{IoBus, IoRange, Mmio};
+use vmio::virtio::mmio::regs;
+use vmio::virtio::{
+    ActivateError, Activation, CondvarEvent, IrqLine, MmioTransport, QueueEvent, QueueStop,
+    QueueWorkers, Trigger, VirtioDevice,
+};
+use vmio::{IoBus, IoRange, Mmio, Width};
 
 const BASE: u64 = 0x1000_0000;
 const DISK: u64 = 16 << 20;
@@ -63,6 +84,53 @@ impl IrqLine for CountingLine {
     fn pulse(&self) {
         // Relaxed: a statistic.
         self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A device that adds up the CPU time its serve calls take, while `on`
+/// (reading the thread's CPU clock is a system call: the wall-clock
+/// benchmarks run with it off).
+struct Timed<D> {
+    inner: D,
+    on: Arc<AtomicBool>,
+    serve_ns: Arc<AtomicU64>,
+}
+
+impl<D: VirtioDevice> VirtioDevice for Timed<D> {
+    fn device_type(&self) -> u32 {
+        self.inner.device_type()
+    }
+    fn features(&self) -> u64 {
+        self.inner.features()
+    }
+    fn num_queues(&self) -> u16 {
+        self.inner.num_queues()
+    }
+    fn max_queue_size(&self, q: u16) -> u16 {
+        self.inner.max_queue_size(q)
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.inner.read_config(offset, data)
+    }
+    fn write_config(&self, offset: u64, data: &[u8]) {
+        self.inner.write_config(offset, data)
+    }
+    fn activate(&self, a: Activation) -> Result<(), ActivateError> {
+        self.inner.activate(a)
+    }
+    fn serve(&self, queue: u16, stop: &QueueStop) {
+        // Relaxed: set between runs, while no request is in flight.
+        if !self.on.load(Ordering::Relaxed) {
+            return self.inner.serve(queue, stop);
+        }
+        let t = thread_cpu_time();
+        self.inner.serve(queue, stop);
+        let ns = (thread_cpu_time() - t).as_nanos() as u64;
+        // Relaxed: a statistic, read after the batch completed.
+        self.serve_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+    fn reset(&self) {
+        self.inner.reset()
     }
 }
 
@@ -133,11 +201,15 @@ impl Worker {
 struct Rig {
     commands: Vec<mpsc::Sender<(u32, usize, u64, bool)>>,
     results: mpsc::Receiver<Duration>,
+    timing: Arc<AtomicBool>,
+    serve_ns: Arc<AtomicU64>,
+    // Declared before the bus: stopped first.
+    _workers: Option<QueueWorkers>,
     _bus: IoBus<Mmio>,
 }
 
 impl Rig {
-    fn new(queues: u16) -> Self {
+    fn new(queues: u16, deferred: bool) -> Self {
         let disk = RamDisk::new(DISK);
         // Every chunk allocated, so reads copy real data.
         let fill = vec![0x5au8; 1 << 20];
@@ -145,11 +217,21 @@ impl Rig {
             disk.write_at(off, &fill).unwrap();
         }
         let config = BlkConfig { num_queues: queues, queue_size: 256, ..BlkConfig::default() };
-        let blk = VirtioBlk::new(disk, config).unwrap();
+        let serve_ns = Arc::new(AtomicU64::new(0));
+        let timing = Arc::new(AtomicBool::new(false));
+        let blk = Timed {
+            inner: VirtioBlk::new(disk, config).unwrap(),
+            on: timing.clone(),
+            serve_ns: serve_ns.clone(),
+        };
         let line = Arc::new(CountingLine::default());
-        let transport = MmioTransport::new(blk, guest_ram(), line, Trigger::Edge);
+        let transport = Arc::new(MmioTransport::new(blk, guest_ram(), line, Trigger::Edge));
+        let workers = deferred.then(|| {
+            let events = (0..queues).map(|_| Arc::new(CondvarEvent::new()) as _).collect();
+            QueueWorkers::spawn(transport.clone(), events).expect("worker threads")
+        });
         let bus = IoBus::<Mmio>::new();
-        bus.register(IoRange::new(BASE, 0x200).unwrap(), Arc::new(transport)).unwrap();
+        bus.register(IoRange::new(BASE, 0x200).unwrap(), transport).unwrap();
         let (_, pending) = bring_up(&bus, BASE, queues, FEATURES);
         let (done_tx, results) = mpsc::channel();
         let start = Arc::new(Barrier::new(usize::from(queues)));
@@ -175,7 +257,19 @@ impl Rig {
                 }
             });
         }
-        Rig { commands, results, _bus: bus }
+        Rig { commands, results, timing, serve_ns, _workers: workers, _bus: bus }
+    }
+
+    /// CPU time spent in the device's serve calls while every thread runs
+    /// `iters` batches.
+    fn run_device_time(&self, kind: u32, n: usize, iters: u64) -> Duration {
+        // Relaxed: no serve runs between batches (every batch is reaped),
+        // and the channels of `run` order these with the threads.
+        self.serve_ns.store(0, Ordering::Relaxed);
+        self.timing.store(true, Ordering::Relaxed);
+        self.run(kind, n, iters, false);
+        self.timing.store(false, Ordering::Relaxed);
+        Duration::from_nanos(self.serve_ns.load(Ordering::Relaxed))
     }
 
     /// Time for every thread to run `iters` batches: wall-clock, or with
@@ -229,10 +323,13 @@ fn copy_floor(c: &mut Criterion) {
 }
 
 fn blk(c: &mut Criterion) {
-    for queues in [1u16, 2] {
-        let rig = Rig::new(queues);
+    for (deferred, queues) in
+        [(false, 1u16), (false, 2), (false, 4), (true, 1), (true, 2), (true, 4)]
+    {
+        let rig = Rig::new(queues, deferred);
+        let mode = if deferred { "-deferred" } else { "" };
         for (name, kind) in [("read", T_IN), ("write", T_OUT)] {
-            let mut g = c.benchmark_group(format!("blk-{name}-{queues}q{queues}t"));
+            let mut g = c.benchmark_group(format!("blk-{name}-{queues}q{queues}t{mode}"));
             for batch in [1usize, 32] {
                 g.throughput(Throughput::Elements((batch * usize::from(queues)) as u64));
                 g.bench_with_input(BenchmarkId::new("batch", batch), &batch, |b, &n| {
@@ -246,6 +343,13 @@ fn blk(c: &mut Criterion) {
                             b.iter_custom(|iters| rig.run(kind, n, iters, true));
                         },
                     );
+                    g.bench_with_input(
+                        BenchmarkId::new("device-cputime", batch),
+                        &batch,
+                        |b, &n| {
+                            b.iter_custom(|iters| rig.run_device_time(kind, n, iters));
+                        },
+                    );
                 }
             }
             g.finish();
@@ -253,5 +357,48 @@ fn blk(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, copy_floor, blk);
+/// The handoff alone: event ping-pong between two threads, and the vCPU's
+/// side of a notify for an empty queue in both modes.
+fn handoff(c: &mut Criterion) {
+    let mut g = c.benchmark_group("handoff");
+    {
+        let there = Arc::new(CondvarEvent::new());
+        let back = Arc::new(CondvarEvent::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let echo = {
+            let (there, back, stop) = (there.clone(), back.clone(), stop.clone());
+            thread::spawn(move || {
+                loop {
+                    there.wait();
+                    // Relaxed: set before the final signal, whose mutex
+                    // orders it.
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    back.signal();
+                }
+            })
+        };
+        g.bench_function("event_roundtrip", |b| {
+            b.iter(|| {
+                there.signal();
+                back.wait();
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+        there.signal();
+        echo.join().unwrap();
+    }
+    for deferred in [false, true] {
+        let rig = Rig::new(1, deferred);
+        let mut vcpu = rig._bus.handle(0);
+        let name = if deferred { "notify_empty_deferred" } else { "notify_empty_inline" };
+        g.bench_function(name, |b| {
+            b.iter(|| vcpu.write(BASE + regs::QUEUE_NOTIFY, Width::U32, 0).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, copy_floor, blk, handoff);
 criterion_main!(benches);

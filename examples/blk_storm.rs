@@ -8,10 +8,12 @@
 //! swaps), and reaps the used ring. It writes and reads random extents of its
 //! own part of the disk, `--depth` requests per notify, and checks every read
 //! against a shadow of what the device acknowledged. At the end every sector
-//! of the backend is compared with the shadows too.
+//! of the backend is compared with the shadows too. With `--deferred` the
+//! notify only signals the queue's event and one worker thread per queue
+//! serves it (`QueueWorkers`), outside the bus.
 //!
 //! ```sh
-//! cargo run --release --example blk_storm -- [--seconds N] [--vcpus N] [--depth N] [--disk-mib N]
+//! cargo run --release --example blk_storm -- [--seconds N] [--vcpus N] [--depth N] [--disk-mib N] [--deferred]
 //! ```
 //!
 //! The run ends with an IOPS table and a verdict; the exit code is non-zero
@@ -26,7 +28,9 @@ use std::time::{Duration, Instant};
 use vmio::testing::{Buf, BusIo, GuestAlloc, GuestQueue, InitOptions, MmioDriver};
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, S_OK, T_IN, T_OUT, VirtioBlk};
 use vmio::virtio::mmio::regs;
-use vmio::virtio::{GuestMemory, GuestRam, IrqLine, MmioTransport, Trigger};
+use vmio::virtio::{
+    CondvarEvent, GuestMemory, GuestRam, IrqLine, MmioTransport, QueueEvent, QueueWorkers, Trigger,
+};
 use vmio::{Access, Device, DeviceError, IoBus, IoRange, Mmio, Width};
 
 const BLK_BASE: u64 = 0x1000_1000;
@@ -44,11 +48,12 @@ struct Options {
     vcpus: u16,
     depth: usize,
     disk_mib: u64,
+    deferred: bool,
 }
 
 fn parse_args() -> Result<Options, String> {
     let cores = thread::available_parallelism().map_or(2, usize::from) as u16;
-    let mut o = Options { seconds: 3.0, vcpus: cores, depth: 16, disk_mib: 64 };
+    let mut o = Options { seconds: 3.0, vcpus: cores, depth: 16, disk_mib: 64, deferred: false };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -59,10 +64,11 @@ fn parse_args() -> Result<Options, String> {
             "--disk-mib" => {
                 o.disk_mib = value()?.parse().map_err(|e| format!("--disk-mib: {e}"))?
             }
+            "--deferred" => o.deferred = true,
             "--help" | "-h" => {
-                return Err(
-                    "usage: blk_storm [--seconds N] [--vcpus N] [--depth N] [--disk-mib N]".into(),
-                );
+                return Err("usage: blk_storm [--seconds N] [--vcpus N] [--depth N] \
+                            [--disk-mib N] [--deferred]"
+                    .into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -194,7 +200,8 @@ fn vcpu(
                     report.failed += (plan.len() - done) as u64;
                     return (report, shadow);
                 }
-                None => std::hint::spin_loop(),
+                // Yield: with `--deferred` a worker may need this core.
+                None => thread::yield_now(),
             }
         }
         for (slot, &(_, write, start, len)) in slots.iter().zip(&plan) {
@@ -240,6 +247,11 @@ fn main() -> ExitCode {
     let mem = Arc::new(GuestRam::new(RAM_BASE, ram_size).expect("guest RAM"));
     let line = Arc::new(Line::default());
     let transport = Arc::new(MmioTransport::new(blk, mem.clone(), line.clone(), Trigger::Edge));
+    let workers = o.deferred.then(|| {
+        let events: Vec<Arc<dyn QueueEvent>> =
+            (0..o.vcpus).map(|_| Arc::new(CondvarEvent::new()) as _).collect();
+        QueueWorkers::spawn(transport.clone(), events).expect("worker threads")
+    });
     let bus = IoBus::<Mmio>::new();
     bus.register(IoRange::new(BLK_BASE, 0x200).unwrap(), transport.clone()).unwrap();
 
@@ -258,12 +270,13 @@ fn main() -> ExitCode {
     let capacity = driver.read_config_u64(0).expect("capacity");
 
     println!(
-        "virtio-blk: {} MiB RAM disk, {} queues (features {features:#x}), {} vCPUs, depth {}, {:.1} s, hot-plug running",
+        "virtio-blk: {} MiB RAM disk, {} queues (features {features:#x}), {} vCPUs, depth {}, {:.1} s, served {}, hot-plug running",
         (capacity * 512) >> 20,
         o.vcpus,
         o.vcpus,
         o.depth,
-        o.seconds
+        o.seconds,
+        if o.deferred { "by per-queue workers" } else { "inline" },
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -319,6 +332,8 @@ fn main() -> ExitCode {
     let results: Vec<_> = vcpus.into_iter().map(|t| t.join().expect("vCPU thread")).collect();
     let elapsed = started.elapsed().as_secs_f64();
     plugger.join().expect("hot-plug thread");
+    // Every batch was reaped: the workers have nothing left to do.
+    drop(workers);
 
     println!();
     println!("| vCPU | queue | reads | writes | MiB | IOPS | notifies | failed | mismatches |");

@@ -147,7 +147,7 @@ proptest! {
             bufs.extend(split(resp_addr, resp_len, &r.write_cuts, true));
             let descriptors = bufs.len();
             let head = gq.add(&*ram, &bufs).unwrap();
-            blk.notify(0);
+            blk.serve(0, &vmio::virtio::QueueStop::new());
             let (id, used_len) = gq.pop_used(&*ram).unwrap().expect("every chain comes back");
             prop_assert_eq!(id, u32::from(head));
             prop_assert!(used_len <= resp_len, "used.len {} > writable {}", used_len, resp_len);

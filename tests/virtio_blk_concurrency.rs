@@ -173,9 +173,9 @@ impl<D: VirtioDevice> VirtioDevice for Serialized<D> {
     fn activate(&self, activation: Activation) -> Result<(), ActivateError> {
         self.inner.activate(activation)
     }
-    fn notify(&self, queue: u16) {
+    fn serve(&self, queue: u16, stop: &vmio::virtio::QueueStop) {
         let _all = self.lock.lock().unwrap();
-        self.inner.notify(queue)
+        self.inner.serve(queue, stop)
     }
     fn reset(&self) {
         self.inner.reset()

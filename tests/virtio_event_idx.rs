@@ -88,7 +88,7 @@ impl VirtioDevice for Threaded {
         *self.ctx.lock().unwrap() = Some(Ctx { queue, mem: a.memory, irq: a.interrupt });
         Ok(())
     }
-    fn notify(&self, _: u16) {
+    fn serve(&self, _: u16, _: &vmio::virtio::QueueStop) {
         self.kick.post();
     }
     fn reset(&self) {

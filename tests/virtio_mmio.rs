@@ -275,10 +275,13 @@ fn queue_registers_freeze_once_ready_and_after_driver_ok() {
     wr(d, regs::QUEUE_NUM, 3);
     wr(d, regs::QUEUE_DESC_LOW, 0x1234);
     drv.driver_ok().unwrap();
-    // Setting up queue 1 after DRIVER_OK is ignored (no RING_RESET).
+    // Setting up queue 1 after DRIVER_OK serves nothing (no RING_RESET),
+    // but the register reads back what was written (4.2.2.1).
     wr(d, regs::QUEUE_SEL, 1);
     wr(d, regs::QUEUE_READY, 1);
-    assert_eq!(rd(d, regs::QUEUE_READY), 0);
+    assert_eq!(rd(d, regs::QUEUE_READY), 1);
+    assert!(!r.dev.queue_live(1), "a queue unused at DRIVER_OK stays unused");
+    assert!(r.dev.queue_live(0));
     let h = drv
         .submit(&*r.ram, 0, &[Buf::readable(RAM + 0x8000, 2), Buf::writable(RAM + 0x9000, 2)])
         .unwrap();
@@ -454,7 +457,7 @@ impl vmio::virtio::VirtioDevice for Gate {
     fn activate(&self, _: vmio::virtio::Activation) -> Result<(), vmio::virtio::ActivateError> {
         Ok(())
     }
-    fn notify(&self, queue: u16) {
+    fn serve(&self, queue: u16, _: &vmio::virtio::QueueStop) {
         use std::sync::atomic::Ordering::SeqCst;
         self.inside.fetch_add(1, SeqCst);
         self.entered.lock().unwrap().send(queue).unwrap();

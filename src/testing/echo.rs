@@ -10,8 +10,8 @@ use crate::virtio::features::{
     VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::virtio::{
-    ActivateError, Activation, GuestMemory, Interrupt, InterruptCause, PopError, SplitQueue,
-    VirtioDevice,
+    ActivateError, Activation, GuestMemory, Interrupt, InterruptCause, PopError, QueueStop,
+    SplitQueue, VirtioDevice,
 };
 
 /// Device type the echo device reports (a vendor-specific placeholder).
@@ -104,11 +104,13 @@ impl EchoDevice {
         self.queues.get(usize::from(q)).is_some_and(|m| m.lock().is_some())
     }
 
-    fn serve(&self, q: u16, ctx: &mut QueueCtx) -> Result<(), PopError> {
+    fn drain(&self, q: u16, ctx: &mut QueueCtx, stop: &QueueStop) -> Result<(), PopError> {
         let mem = &*ctx.memory;
         let mut buf = [0u8; 512];
         loop {
-            while let Some(res) = ctx.queue.pop(mem).transpose() {
+            while !stop.is_requested()
+                && let Some(res) = ctx.queue.pop(mem).transpose()
+            {
                 match res {
                     Ok(chain) => {
                         let total = chain.readable_len().min(chain.writable_len());
@@ -136,7 +138,8 @@ impl EchoDevice {
                     Err(e) => return Err(e),
                 }
             }
-            if !ctx.queue.enable_notification(mem)? {
+            // Stopping: the rest stays in the ring. Otherwise the re-check.
+            if stop.is_requested() || !ctx.queue.enable_notification(mem)? {
                 break;
             }
         }
@@ -202,11 +205,11 @@ impl VirtioDevice for EchoDevice {
         Ok(())
     }
 
-    fn notify(&self, queue: u16) {
+    fn serve(&self, queue: u16, stop: &QueueStop) {
         let Some(slot) = self.queues.get(usize::from(queue)) else { return };
         let mut guard = slot.lock();
         let Some(ctx) = guard.as_mut() else { return };
-        if let Err(e) = self.serve(queue, ctx) {
+        if let Err(e) = self.drain(queue, ctx, stop) {
             *self.last_error.lock() = Some(e);
             ctx.irq.needs_reset();
             *guard = None;

@@ -85,6 +85,27 @@ pub enum Trigger {
 /// flag and the config generation counter. Everything is atomic: a device
 /// raising from a queue thread never contends with register accesses, except
 /// for the short level-update lock under [`Trigger::Level`].
+///
+/// # Raised from a worker, acknowledged by a vCPU
+///
+/// A worker thread may raise while a vCPU reads or acknowledges the
+/// register; no interrupt is lost and the line never disagrees with the
+/// bits for long:
+/// - raise = `fetch_or` of the bit (Release: the used ring written before is
+///   visible to whoever sees the bit), *then* the line is signalled, so an
+///   interrupt always finds its bit set (or already acknowledged together
+///   with the ring entries it announced: a spurious interrupt, harmless);
+/// - ack = `fetch_and` of the bits (Acquire: the ring entries published
+///   before the acknowledged raise are visible to the driver's next look);
+/// - under [`Trigger::Level`] both then re-read the whole register and drive
+///   the line from it under one small lock, so whichever of a racing raise
+///   and ack drives it last drives it from the value after both: never low
+///   with a bit pending, never left high with nothing pending. An edge line
+///   (an irqfd, say) needs no lock: every raise pulses.
+///
+/// [`reset`](Self::reset) clears the bits; the transport first stops every
+/// queue (waiting for serves in progress), so no worker raises into a reset
+/// device.
 pub struct InterruptStatus {
     status: AtomicU32,
     /// Interrupts are delivered only while the driver has set DRIVER_OK.
@@ -359,6 +380,101 @@ mod tests {
         st.ack(INT_CONFIG_CHANGE);
         assert!(!line.level());
         assert_eq!(line.pulses(), 0);
+    }
+
+    /// Workers raise (after "publishing" a used entry) while a vCPU acks;
+    /// once the workers are done and the vCPU sees no interrupt pending, it
+    /// must have consumed every publication: a lost interrupt (line low
+    /// with a bit pending, or a bit cleared without its entries being
+    /// visible) leaves some unconsumed.
+    #[cfg(feature = "std")]
+    fn raise_vs_ack(trigger: Trigger) {
+        extern crate std;
+        use core::sync::atomic::AtomicU64;
+        use std::thread;
+
+        #[derive(Default)]
+        struct Line {
+            level: AtomicBool,
+            pulses: AtomicU64,
+        }
+        impl IrqLine for Line {
+            fn pulse(&self) {
+                // Release pairs with the vCPU's Acquire load of `pulses`.
+                self.pulses.fetch_add(1, Ordering::Release);
+            }
+            fn set_level(&self, asserted: bool) {
+                // Release/Acquire as for `pulses`.
+                self.level.store(asserted, Ordering::Release);
+            }
+        }
+
+        const WORKERS: u64 = 2;
+        let per = if cfg!(miri) { 200 } else { 50_000 };
+        let line = Arc::new(Line::default());
+        let st = Arc::new(InterruptStatus::new(line.clone(), trigger));
+        st.set_enabled(true);
+        let published = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let (st, published) = (st.clone(), published.clone());
+                thread::spawn(move || {
+                    for _ in 0..per {
+                        // Relaxed: the raise's Release publishes it.
+                        published.fetch_add(1, Ordering::Relaxed);
+                        st.raise(InterruptCause::UsedBuffer { queue: w as u16 });
+                    }
+                })
+            })
+            .collect();
+        let vcpu = {
+            let (st, line, published, done) =
+                (st.clone(), line.clone(), published.clone(), done.clone());
+            thread::spawn(move || {
+                let mut consumed = 0;
+                let mut handled = 0;
+                loop {
+                    // Acquire: `done` is set after the workers joined.
+                    let finished = done.load(Ordering::Acquire);
+                    let pending = match trigger {
+                        Trigger::Level => line.level.load(Ordering::Acquire),
+                        Trigger::Edge => line.pulses.load(Ordering::Acquire) != handled,
+                    };
+                    if pending {
+                        handled = line.pulses.load(Ordering::Acquire);
+                        let bits = st.status();
+                        if bits != 0 {
+                            st.ack(bits);
+                        }
+                        // Relaxed: ordered after the ack's Acquire.
+                        consumed = published.load(Ordering::Relaxed);
+                    } else if finished {
+                        return consumed;
+                    }
+                }
+            })
+        };
+        for w in workers {
+            w.join().unwrap();
+        }
+        done.store(true, Ordering::Release);
+        let consumed = vcpu.join().unwrap();
+        assert_eq!(consumed, WORKERS * per, "{trigger:?}: an interrupt was lost");
+        assert_eq!(st.status(), 0);
+        assert!(!line.level.load(Ordering::Acquire), "line left high with nothing pending");
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn level_raise_from_workers_while_vcpu_acks() {
+        raise_vs_ack(Trigger::Level);
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn edge_raise_from_workers_while_vcpu_acks() {
+        raise_vs_ack(Trigger::Edge);
     }
 
     #[test]

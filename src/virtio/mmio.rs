@@ -4,10 +4,13 @@
 //! Register state (status, feature windows, the queue addresses the driver
 //! is programming) lives behind the transport's own lock. Interrupt state
 //! lives in an [`InterruptStatus`] shared with the device, all atomics.
-//! Queue state lives in the device, one lock per queue. A QueueNotify write
-//! takes no transport lock at all: it checks an atomic "activated" flag and
-//! calls [`VirtioDevice::notify`], so notifies on different queues from
-//! different vCPUs never meet on a lock here.
+//! Queue state lives in the device, one lock per queue, and each queue has
+//! a serve lock here. A QueueNotify write never takes the register lock: in
+//! [`NotifyMode::Inline`] (the default) it serves the queue on the spot with
+//! [`serve`](MmioTransport::serve), in [`NotifyMode::Deferred`] it only
+//! signals the queue's [`QueueEvent`], and a worker calls `serve` later,
+//! outside the bus. Notifies on different queues from different vCPUs never
+//! meet on a lock here.
 //!
 //! Guest mistakes never panic: a register accessed at the wrong width or
 //! offset is refused with a [`DeviceError`] (the VMM decides what the guest
@@ -38,9 +41,10 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use super::features::VIRTIO_F_VERSION_1;
 use super::irq::{Interrupt, InterruptStatus, IrqLine, Trigger};
 use super::memory::GuestMemory;
+use super::notify::{NotifyMode, QueueEvent};
 use super::queue::{MAX_QUEUE_SIZE, QueueConfig, SplitQueue};
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
-use super::{Activation, VirtioDevice};
+use super::{Activation, QueueStop, VirtioDevice};
 use crate::addr::Width;
 use crate::device::{Access, Device, DeviceError};
 use crate::sync::Mutex;
@@ -114,11 +118,50 @@ pub mod regs {
     pub const CONFIG: u64 = 0x100;
 }
 
+/// Offset of the QueueNotify register, where a VMM registers a KVM
+/// ioeventfd per queue: a 4-byte write whose data (the datamatch) is the
+/// queue index. Same as [`regs::QUEUE_NOTIFY`].
+pub const QUEUE_NOTIFY_OFFSET: u64 = regs::QUEUE_NOTIFY;
+
 /// What the driver programmed for one queue.
 #[derive(Debug, Clone, Copy, Default)]
 struct QueueRegs {
     config: QueueConfig,
+    /// QueueReady as last written (what a read returns).
     ready: bool,
+    /// The device received this queue at DRIVER_OK.
+    activated: bool,
+}
+
+/// The serving side of one queue, on cache lines of its own so that
+/// workers (or vCPUs) on different queues never share one.
+///
+/// Lock order: the register lock, then `serving`, then the device's own
+/// locks; `event` is a leaf (only [`QueueEvent`] methods run under it).
+#[repr(align(128))]
+struct QueueGate {
+    /// Whether the queue is live (may be served). Held for the whole of a
+    /// serve, so stopping the queue waits for the serve in progress.
+    serving: Mutex<bool>,
+    /// `serving`'s value, readable without the lock (fast paths only).
+    live: AtomicBool,
+    /// Asks a serve in progress to end after its current request.
+    stop: QueueStop,
+    /// Deferred mode: a notify signals `event` instead of serving.
+    deferred: AtomicBool,
+    event: Mutex<Option<Arc<dyn QueueEvent>>>,
+}
+
+impl QueueGate {
+    fn new() -> Self {
+        QueueGate {
+            serving: Mutex::new(false),
+            live: AtomicBool::new(false),
+            stop: QueueStop::new(),
+            deferred: AtomicBool::new(false),
+            event: Mutex::new(None),
+        }
+    }
 }
 
 /// Everything behind the register lock.
@@ -142,9 +185,29 @@ struct Registers {
 /// transport registers (32-bit, aligned accesses only), 0x100 onwards the
 /// device configuration (1-, 2- or 4-byte aligned accesses).
 ///
-/// Lock order: the register lock, then whatever the device takes in
-/// [`activate`](VirtioDevice::activate) / [`reset`](VirtioDevice::reset).
-/// QueueNotify takes neither.
+/// Lock order: the register lock, then a queue's serve lock, then whatever
+/// the device takes. QueueNotify and [`serve`](Self::serve) never take the
+/// register lock.
+///
+/// # Deferred notification
+/// ```
+/// use std::sync::Arc;
+/// use vmio::virtio::{CondvarEvent, GuestRam, MmioTransport, QueueEvent, QueueWorkers};
+/// use vmio::virtio::{RecordingIrq, Trigger};
+/// use vmio::testing::EchoDevice;
+///
+/// let ram = Arc::new(GuestRam::new(0x8000_0000, 0x10_0000)?);
+/// let dev = Arc::new(MmioTransport::new(
+///     EchoDevice::new(2), ram, Arc::new(RecordingIrq::new()), Trigger::Edge));
+/// // One event per queue: a KVM VMM would wrap the eventfd it registers as
+/// // an ioeventfd at base + QUEUE_NOTIFY_OFFSET with datamatch = queue.
+/// let events: Vec<Arc<dyn QueueEvent>> =
+///     (0..dev.num_queues()).map(|_| Arc::new(CondvarEvent::new()) as _).collect();
+/// let workers = QueueWorkers::spawn(dev.clone(), events)?;
+/// // ... plug `dev` into the bus, run the guest ...
+/// workers.shutdown();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct MmioTransport<D> {
     device: D,
     memory: Arc<dyn GuestMemory>,
@@ -152,6 +215,8 @@ pub struct MmioTransport<D> {
     regs: Mutex<Registers>,
     /// Set once the device accepted DRIVER_OK; QueueNotify reads only this.
     active: AtomicBool,
+    /// One per queue.
+    gates: alloc::boxed::Box<[QueueGate]>,
 }
 
 impl<D> core::fmt::Debug for MmioTransport<D> {
@@ -191,9 +256,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     ..QueueConfig::default()
                 },
                 ready: false,
+                activated: false,
             })
             .collect();
         MmioTransport {
+            gates: (0..n).map(|_| QueueGate::new()).collect(),
             device,
             memory,
             irq,
@@ -213,6 +280,71 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// The device behind the transport.
     pub fn device(&self) -> &D {
         &self.device
+    }
+
+    /// How many queues the device has (queue indices `0..num_queues`).
+    pub fn num_queues(&self) -> u16 {
+        self.device.num_queues()
+    }
+
+    /// Chooses where QueueNotify writes go; [`NotifyMode::Inline`] by
+    /// default. Switching to deferred signals every live queue's new event
+    /// once, so a worker picks up whatever is already waiting; switching
+    /// back serves inline from the next notify on (a signal already given
+    /// is still the old event's to handle).
+    pub fn set_notify_mode(&self, mode: NotifyMode) {
+        // Under the register lock: queue starts and stops, which tell the
+        // events, never interleave with the switch.
+        let _r = self.regs.lock();
+        let events = match mode {
+            NotifyMode::Inline => Vec::new(),
+            NotifyMode::Deferred(events) => events,
+        };
+        for (i, gate) in self.gates.iter().enumerate() {
+            let event = events.get(i).cloned();
+            let mut slot = gate.event.lock();
+            // Release pairs with the Acquire in `notify`; the event itself
+            // is read under its lock.
+            gate.deferred.store(event.is_some(), Ordering::Release);
+            if let Some(ev) = &event {
+                // Acquire: pairs with the Release in `start_queue`.
+                let live = gate.live.load(Ordering::Acquire);
+                ev.queue_state(live);
+                if live {
+                    ev.signal();
+                }
+            }
+            *slot = event;
+        }
+    }
+
+    /// Serves queue `queue` until it is empty (see
+    /// [`VirtioDevice::serve`]); what a worker calls after its
+    /// [`QueueEvent`] fired. Does nothing if the queue is not live (not set
+    /// ready, stopped, device not activated or reset) or does not exist.
+    ///
+    /// Blocks while another thread serves the same queue, then serves it
+    /// again itself: a notify that arrives during a serve is never lost.
+    /// Call it outside any bus read section (a worker thread); a backend
+    /// blocked in I/O then holds up nothing but this queue.
+    pub fn serve(&self, queue: u16) {
+        let Some(gate) = self.gates.get(usize::from(queue)) else { return };
+        // Acquire pairs with the Release in `start_queue`; a fast path only,
+        // the flag under the lock decides.
+        if !gate.live.load(Ordering::Acquire) {
+            return;
+        }
+        let live = gate.serving.lock();
+        if *live {
+            self.device.serve(queue, &gate.stop);
+        }
+    }
+
+    /// Whether queue `queue` is live: activated at DRIVER_OK and not
+    /// stopped or reset since.
+    pub fn queue_live(&self, queue: u16) -> bool {
+        // Acquire: pairs with the Release in `start_queue`/`stop_queue`.
+        self.gates.get(usize::from(queue)).is_some_and(|g| g.live.load(Ordering::Acquire))
     }
 
     /// The interrupt state shared with the device.
@@ -246,8 +378,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn reset_locked(&self, r: &mut Registers) {
         // Release: a notify that sees `false` will not reach the device;
-        // one already past the check finds the device reset (it copes).
+        // one already past the check finds the queue stopped below.
         let was_active = self.active.swap(false, Ordering::AcqRel);
+        // Every serve in progress ends (after the request it is executing,
+        // completions published) before the interrupt state is cleared, so
+        // no worker raises an interrupt into the reset device.
+        for i in 0..self.gates.len() {
+            self.stop_queue(i, false);
+        }
         self.irq.reset();
         if was_active {
             self.device.reset();
@@ -265,7 +403,49 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     ..QueueConfig::default()
                 },
                 ready: false,
+                activated: false,
             };
+        }
+    }
+
+    /// Makes queue `i` live (under the register lock); `resume`: it was
+    /// stopped after activation, tell the device.
+    fn start_queue(&self, i: usize, resume: bool) {
+        let gate = &self.gates[i];
+        let mut live = gate.serving.lock();
+        if *live {
+            return;
+        }
+        if resume {
+            self.device.queue_started(i as u16);
+        }
+        *live = true;
+        // Release pairs with the Acquire in `serve`.
+        gate.live.store(true, Ordering::Release);
+        drop(live);
+        if let Some(ev) = &*gate.event.lock() {
+            ev.queue_state(true);
+            // Buffers may have arrived while it was stopped.
+            ev.signal();
+        }
+    }
+
+    /// Stops queue `i` (under the register lock): ends and waits for the
+    /// serve in progress; `tell`: call the device's `queue_stopped`.
+    fn stop_queue(&self, i: usize, tell: bool) {
+        let gate = &self.gates[i];
+        gate.stop.request();
+        let mut live = gate.serving.lock();
+        gate.stop.clear();
+        let was_live = core::mem::replace(&mut *live, false);
+        // Release: pairs with the Acquire in `serve`/`queue_live`.
+        gate.live.store(false, Ordering::Release);
+        if was_live && tell {
+            self.device.queue_stopped(i as u16);
+        }
+        drop(live);
+        if was_live && let Some(ev) = &*gate.event.lock() {
+            ev.queue_state(false);
         }
     }
 
@@ -385,10 +565,22 @@ impl<D: VirtioDevice> MmioTransport<D> {
         // crate spins on it when it drops a device), so the register must
         // follow, even though the queue's addresses stay as they were.
         if r.status & DRIVER_OK != 0 {
-            if value == 0
-                && let Some(q) = r.queues.get_mut(sel)
-            {
-                q.ready = false;
+            let Some(q) = r.queues.get_mut(sel) else { return };
+            // A read returns what was last written (4.2.2.1).
+            q.ready = value != 0;
+            let activated = q.activated;
+            if !self.is_active() || !activated {
+                // Nothing the device serves: a queue left unused at
+                // DRIVER_OK cannot be added later without RING_RESET.
+                return;
+            }
+            if value == 0 {
+                // From now on the device must not touch the queue: wait for
+                // a serve in progress, then keep everyone out.
+                self.stop_queue(sel, true);
+            } else {
+                // Same addresses, same ring positions: carry on.
+                self.start_queue(sel, true);
             }
             return;
         }
@@ -479,8 +671,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
             features,
         };
         match self.device.activate(activation) {
-            // Release pairs with the Acquire in `notify`/`is_active`.
-            Ok(()) => self.active.store(true, Ordering::Release),
+            Ok(()) => {
+                for (i, q) in r.queues.iter_mut().enumerate() {
+                    if q.ready {
+                        q.activated = true;
+                        self.start_queue(i, false);
+                    }
+                }
+                // Release pairs with the Acquire in `notify`/`is_active`.
+                self.active.store(true, Ordering::Release);
+            }
             Err(e) => {
                 log::warn!("virtio-mmio: device refused to activate: {e}");
                 self.irq.needs_reset();
@@ -496,11 +696,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         // Without VIRTIO_F_NOTIFICATION_DATA the value is the queue index;
         // anything out of range (a "negative" index too) is ignored.
-        if let Ok(q) = u16::try_from(value)
-            && q < self.device.num_queues()
+        let Ok(q) = u16::try_from(value) else { return };
+        let Some(gate) = self.gates.get(usize::from(q)) else { return };
+        // Acquire pairs with the Release in `set_notify_mode`.
+        if gate.deferred.load(Ordering::Acquire)
+            && let Some(ev) = &*gate.event.lock()
         {
-            self.device.notify(q);
+            ev.signal();
+            return;
         }
+        self.serve(q);
     }
 
     fn config_access_ok(offset: u64, width: Width) -> Result<u64, DeviceError> {
@@ -572,8 +777,14 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
     fn activate(&self, activation: Activation) -> Result<(), super::ActivateError> {
         (**self).activate(activation)
     }
-    fn notify(&self, queue: u16) {
-        (**self).notify(queue)
+    fn serve(&self, queue: u16, stop: &super::QueueStop) {
+        (**self).serve(queue, stop)
+    }
+    fn queue_stopped(&self, queue: u16) {
+        (**self).queue_stopped(queue)
+    }
+    fn queue_started(&self, queue: u16) {
+        (**self).queue_started(queue)
     }
     fn reset(&self) {
         (**self).reset()

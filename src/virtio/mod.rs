@@ -7,41 +7,67 @@
 //!   line the VMM wires it to.
 //! - [`SplitQueue`] — one split virtqueue, validated against hostile drivers.
 //! - [`VirtioDevice`] — what a device (virtio-blk, …) implements: identity,
-//!   features, config space, queues, notify, reset.
+//!   features, config space, queues, serve, reset.
 //! - the virtio-mmio transport, a [`Device`](crate::Device) on the MMIO bus
-//!   that runs the register file and status machine for a `VirtioDevice`.
+//!   that runs the register file and status machine for a `VirtioDevice`,
+//!   and routes queue notifications ([`NotifyMode`]): served inline on the
+//!   notifying vCPU, or handed to a per-queue [`QueueEvent`] that a worker
+//!   ([`QueueWorkers`] with `std`, or the VMM's own event loop) waits on
+//!   before calling [`MmioTransport::serve`] outside any bus read section.
 //!
 //! # Locking
 //!
 //! A transport keeps its register state (status, feature windows, queue
 //! addresses being programmed) behind one lock of its own and never holds it
-//! while a queue is processed: a QueueNotify write goes straight to
-//! [`VirtioDevice::notify`] without it. A device keeps each activated
-//! [`SplitQueue`] behind its own lock, so a notify on queue k locks queue k
-//! only. Lock order: transport registers → device internals (taken only by
-//! [`activate`](VirtioDevice::activate) and [`reset`](VirtioDevice::reset));
-//! a device never calls back into its transport.
+//! while a queue is processed. Each queue has a serve lock in the transport,
+//! held for the whole of one [`VirtioDevice::serve`] call, so a queue is
+//! served by one thread at a time and stopping it (QueueReady = 0, reset)
+//! waits for the serve in progress; a device keeps each activated
+//! [`SplitQueue`] behind its own lock too. A notify on queue k takes queue
+//! k's locks only. Lock order: transport registers → queue k's serve lock →
+//! device internals; a device never calls back into its transport.
+//!
+//! # Queue lifecycle
+//!
+//! A queue is *live* from DRIVER_OK (if the driver set it ready) until the
+//! driver writes QueueReady = 0 or resets the device; only a live queue is
+//! served, so the device never touches a virtqueue whose QueueReady reads 0
+//! (virtio 1.2, 4.2.2.1). Stopping a queue, or resetting the device, asks a
+//! serve in progress to end after the request it is executing
+//! ([`QueueStop`]), waits for it, and publishes the completions of the
+//! requests that ran: work in flight is **completed, never torn**, and
+//! requests not yet started stay in the ring (cancelled by a reset, found
+//! again when a stopped queue is set ready again).
 
 pub mod blk;
 pub mod irq;
 pub mod memory;
 pub mod mmio;
+pub mod notify;
 pub mod queue;
+#[cfg(feature = "std")]
+pub mod worker;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 pub use irq::{
     INT_CONFIG_CHANGE, INT_USED_BUFFER, Interrupt, InterruptCause, InterruptStatus, IrqEvent,
     IrqLine, RecordingIrq, Trigger,
 };
 pub use memory::{GuestMemory, GuestRam, GuestRamError, MemoryError};
-pub use mmio::MmioTransport;
+pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+#[cfg(feature = "std")]
+pub use notify::CondvarEvent;
+pub use notify::{NotifyMode, QueueEvent};
 pub use queue::{
     Chain, ChainError, DEFAULT_SEGMENTS, DescriptorChain, MAX_QUEUE_SIZE, PopError, QueueArea,
     QueueConfig, QueueError, Segment, SplitQueue,
 };
+#[cfg(feature = "std")]
+pub use worker::QueueWorkers;
 
 /// Feature bits defined by the virtio spec for every device type.
 pub mod features {
@@ -150,11 +176,48 @@ impl fmt::Display for ActivateError {
 }
 impl core::error::Error for ActivateError {}
 
+/// Asks a [`VirtioDevice::serve`] in progress to end early: the transport
+/// sets it when the queue is being stopped or the device reset, and clears
+/// it once the serve has returned.
+///
+/// A device checks [`is_requested`](Self::is_requested) between requests:
+/// it finishes the request it is executing, publishes what it completed,
+/// and returns without starting the next one.
+#[derive(Debug, Default)]
+pub struct QueueStop(AtomicBool);
+
+impl QueueStop {
+    /// Not requested.
+    pub const fn new() -> Self {
+        QueueStop(AtomicBool::new(false))
+    }
+
+    /// Asks the serve to stop.
+    pub fn request(&self) {
+        // Relaxed: a hint polled by the serving thread; the transport's
+        // serve lock, taken right after, is what orders the two threads.
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Withdraws the request.
+    pub fn clear(&self) {
+        // Relaxed: see `request`.
+        self.0.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the serve should stop after its current request.
+    pub fn is_requested(&self) -> bool {
+        // Relaxed: see `request`.
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// A virtio device, independent of its transport.
 ///
-/// Every method takes `&self`: notifies for different queues arrive on
-/// different vCPU threads at once, so the device keeps each queue behind its
-/// own lock (see the [module docs](self#locking)). Config-space calls come
+/// Every method takes `&self`: different queues are served on different
+/// threads at once (vCPUs, or workers), so the device keeps each queue
+/// behind its own lock (see the [module docs](self#locking)). Config-space
+/// calls come
 /// from the transport with offsets relative to the start of the device
 /// configuration and 1-, 2- or 4-byte aligned widths.
 pub trait VirtioDevice: Send + Sync {
@@ -196,9 +259,32 @@ pub trait VirtioDevice: Send + Sync {
     /// transport then reports DEVICE_NEEDS_RESET.
     fn activate(&self, activation: Activation) -> Result<(), ActivateError>;
 
-    /// The driver notified queue `queue` (already checked to be below
-    /// [`num_queues`](Self::num_queues), and only after activation).
-    fn notify(&self, queue: u16);
+    /// Serves queue `queue` until it is empty: pops and executes requests,
+    /// publishes their completions, re-enables notifications and checks the
+    /// ring once more (a driver that added buffers while notifications were
+    /// off did not notify), and raises the used-buffer interrupt if the
+    /// driver wants one. Stops early, after the request in progress, when
+    /// `stop` is requested.
+    ///
+    /// The transport calls it for a live queue only (below
+    /// [`num_queues`](Self::num_queues), after activation, QueueReady set),
+    /// never for the same queue on two threads at once, and possibly on a
+    /// worker thread rather than a vCPU.
+    fn serve(&self, queue: u16, stop: &QueueStop);
+
+    /// The driver cleared QueueReady of an activated queue after DRIVER_OK:
+    /// the queue will not be served until [`queue_started`](Self::queue_started).
+    /// The serve in progress, if any, has returned. The default does
+    /// nothing (the queue's state stays as it is).
+    fn queue_stopped(&self, queue: u16) {
+        let _ = queue;
+    }
+
+    /// The driver set QueueReady again on a queue it had stopped: serving
+    /// resumes where it left off. The default does nothing.
+    fn queue_started(&self, queue: u16) {
+        let _ = queue;
+    }
 
     /// The driver reset the device: drop the queues and memory handed over by
     /// [`activate`](Self::activate), wait for in-progress queue work to end,

@@ -28,7 +28,10 @@
 //!   available again while still in flight, ring memory that vanished. No
 //!   answer in the used ring could make sense to the driver: the queue stops
 //!   (every later call returns [`QueueError::Broken`]) and the device should
-//!   report DEVICE_NEEDS_RESET.
+//!   report DEVICE_NEEDS_RESET. The chains popped before the break are the
+//!   exception: [`push`](SplitQueue::push) still takes them back, so the
+//!   device publishes the completions of the requests it executed before
+//!   flagging the reset.
 //!
 //! # Memory ordering
 //!
@@ -878,20 +881,18 @@ impl SplitQueue {
     }
 
     /// Returns the chain at `head` to the driver, `len` bytes written into
-    /// its writable buffers, and publishes `used.idx`.
+    /// its writable buffers, and publishes `used.idx`. Works on a broken
+    /// queue too, for chains popped before it broke.
     ///
     /// # Errors
     /// [`QueueError::NotInFlight`] when `head` was not popped (nothing
-    /// changes), [`QueueError::Broken`], or a memory error.
+    /// changes), or a memory error.
     pub fn push<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         head: u16,
         len: u32,
     ) -> Result<(), QueueError> {
-        if self.broken {
-            return Err(QueueError::Broken);
-        }
         self.put_used(mem, head, len)?;
         self.publish_used(mem)
     }
@@ -906,9 +907,6 @@ impl SplitQueue {
         mem: &M,
         used: &[(u16, u32)],
     ) -> Result<(), QueueError> {
-        if self.broken {
-            return Err(QueueError::Broken);
-        }
         let mut result = Ok(());
         for &(head, len) in used {
             if let Err(e) = self.put_used(mem, head, len) {

@@ -465,7 +465,9 @@ impl BlkQueue {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !self.vq.can_pop() {
             assert!(std::time::Instant::now() < deadline, "request not completed in 10 s");
-            std::hint::spin_loop();
+            // Yield, not spin: a worker thread serving the queue may need
+            // this core (inline, the request is done before we get here).
+            std::thread::yield_now();
         }
         // SAFETY: the same buffers as were added with this token.
         let len = unsafe { self.vq.pop_used(token, &inputs, &mut outputs) }.expect("our token");
@@ -499,7 +501,7 @@ impl BlkQueue {
         for (r, &token) in reqs.iter_mut().zip(&tokens) {
             while self.vq.peek_used() != Some(token) {
                 assert!(std::time::Instant::now() < deadline, "batch not completed in 10 s");
-                std::hint::spin_loop();
+                std::thread::yield_now();
             }
             let (hdr, data, status) = r.parts();
             // SAFETY: the same buffers as were added with this token.

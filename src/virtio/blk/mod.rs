@@ -39,7 +39,7 @@ use crate::virtio::features::{
 };
 use crate::virtio::{
     ActivateError, Activation, DEFAULT_SEGMENTS, GuestMemory, Interrupt, InterruptCause,
-    MAX_QUEUE_SIZE, PopError, SplitQueue, VirtioDevice, device_type,
+    MAX_QUEUE_SIZE, PopError, QueueStop, SplitQueue, VirtioDevice, device_type,
 };
 
 #[cfg(all(feature = "std", unix))]
@@ -421,17 +421,29 @@ impl<B> VirtioBlk<B> {
 }
 
 impl<B: BlockBackend> VirtioBlk<B> {
-    /// Serves every available request of one queue, holding that queue's
-    /// lock only.
-    fn process_queue(&self, index: u16, active: &mut ActiveQueue) {
+    /// Serves one queue until it is empty (or `stop` is requested),
+    /// holding that queue's lock only.
+    ///
+    /// Notifications are off while the queue drains (the driver need not
+    /// exit for buffers we are about to find), then back on, and the ring is
+    /// checked once more: a buffer the driver added after the last pop but
+    /// before notifications came back was not notified, and is found here.
+    fn process_queue(&self, index: u16, active: &mut ActiveQueue, stop: &QueueStop) {
         let ActiveQueue { queue, mem, irq, limits, wce, scratch } = active;
         let mem: &dyn GuestMemory = &**mem;
         if queue.is_broken() {
             return;
         }
+        let first_used = queue.next_used();
         let mut used = ArrayVec::<(u16, u32), USED_BATCH>::new();
-        let mut failed = false;
-        loop {
+        let mut failed = queue.disable_notification(mem).is_err();
+        while !failed {
+            if stop.is_requested() {
+                // Stopping or resetting: leave the rest in the ring, but
+                // with notifications on, as a resumed queue expects them.
+                let _ = queue.enable_notification(mem);
+                break;
+            }
             let head_len = match queue.pop(mem) {
                 Ok(Some(chain)) => {
                     let writethrough = self.writethrough(limits.flush, *wce);
@@ -445,7 +457,29 @@ impl<B: BlockBackend> VirtioBlk<B> {
                     };
                     (chain.head(), request::process(&chain, &mut cx).used_len)
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    // Drained: publish, then notifications back on and one
+                    // more look (the re-check that keeps a notify from
+                    // being lost).
+                    if !used.is_empty() {
+                        failed = queue.push_batch(mem, &used).is_err();
+                        used.clear();
+                        if failed {
+                            break;
+                        }
+                    }
+                    match queue.enable_notification(mem) {
+                        Ok(false) => break,
+                        Ok(true) => {
+                            failed = queue.disable_notification(mem).is_err();
+                            continue;
+                        }
+                        Err(_) => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
                 Err(PopError::Chain { head, error }) => {
                     // Malformed beyond finding a status byte: hand the
                     // buffers back untouched and go on with the queue.
@@ -459,16 +493,25 @@ impl<B: BlockBackend> VirtioBlk<B> {
                 }
             };
             used.push(head_len);
-            if used.is_full() && queue.push_batch(mem, &used).is_err() {
-                failed = true;
-                break;
-            }
             if used.is_full() {
+                // Whatever the outcome, these heads are not pushed twice.
+                failed = queue.push_batch(mem, &used).is_err();
                 used.clear();
             }
         }
+        // Requests executed before a ring-breaking entry still complete:
+        // a broken queue takes back the chains popped before the break.
         if !used.is_empty() && queue.push_batch(mem, &used).is_err() {
             failed = true;
+        }
+        if queue.is_broken() {
+            // No interrupt suppression to consult on a broken ring: tell the
+            // driver about what was published, then about the breakage.
+            if queue.next_used() != first_used {
+                irq.raise(InterruptCause::UsedBuffer { queue: index });
+            }
+            irq.needs_reset();
+            return;
         }
         match queue.needs_interrupt(mem) {
             Ok(true) => irq.raise(InterruptCause::UsedBuffer { queue: index }),
@@ -632,18 +675,18 @@ impl<B: BlockBackend> VirtioDevice for VirtioBlk<B> {
         Ok(())
     }
 
-    fn notify(&self, queue: u16) {
+    fn serve(&self, queue: u16, stop: &QueueStop) {
         let Some(slot) = self.queues.get(usize::from(queue)) else {
             return;
         };
         let mut guard = slot.0.lock();
         if let Some(active) = guard.as_mut() {
-            self.process_queue(queue, active);
+            self.process_queue(queue, active, stop);
         }
     }
 
     fn reset(&self) {
-        // Taking each lock waits for a notify in progress on that queue.
+        // Taking each lock waits for a serve in progress on that queue.
         for slot in self.queues.iter() {
             drop(slot.0.lock().take());
         }
@@ -727,7 +770,7 @@ mod tests {
         /// Runs one request to completion on queue `q`: (status, used len).
         fn request(&mut self, q: usize, kind: u32, sector: u64, data: &[Buf]) -> (u8, u32) {
             let (head, status) = self.add(q, kind, sector, data);
-            self.blk.notify(q as u16);
+            self.blk.serve(q as u16, &QueueStop::new());
             let (id, len) = self.queues[q].pop_used(&*self.mem).unwrap().expect("completed");
             assert_eq!(id, u32::from(head));
             (self.mem.read_u8(status), len)
@@ -1009,7 +1052,7 @@ mod tests {
         for i in 0..40 {
             heads.push(rig.add(0, T_IN, i, &[Buf::writable(buf, 512)]));
         }
-        rig.blk.notify(0);
+        rig.blk.serve(0, &QueueStop::new());
         let mut done = Vec::new();
         while let Some((id, len)) = rig.queues[0].pop_used(&*rig.mem).unwrap() {
             assert_eq!(len, 513);
@@ -1033,7 +1076,7 @@ mod tests {
         let head = rig.queues[0]
             .add(&*rig.mem, &[Buf::readable(0x10, 16), Buf::writable(buf, 1)])
             .unwrap();
-        rig.blk.notify(0);
+        rig.blk.serve(0, &QueueStop::new());
         assert_eq!(rig.queues[0].pop_used(&*rig.mem).unwrap(), Some((u32::from(head), 0)));
         assert_eq!(rig.mem.read_u8(buf), 0, "nothing written");
         // The next request is served normally.
@@ -1047,11 +1090,11 @@ mod tests {
         rig.activate(VIRTIO_F_VERSION_1);
         // avail.idx jumps further ahead than the queue holds.
         rig.queues[0].set_avail_idx(&*rig.mem, QSIZE + 5).unwrap();
-        rig.blk.notify(0);
+        rig.blk.serve(0, &QueueStop::new());
         assert!(rig.irq.events().contains(&IrqEvent::NeedsReset));
         // Later notifies stay quiet, and a reset + reactivation recovers.
         let before = rig.irq.events().len();
-        rig.blk.notify(0);
+        rig.blk.serve(0, &QueueStop::new());
         assert_eq!(rig.irq.events().len(), before);
         rig.blk.reset();
         rig.queues[0].init(&*rig.mem).unwrap();
@@ -1066,12 +1109,12 @@ mod tests {
             Rig::new(RamDisk::new(1 << 20), BlkConfig { num_queues: 2, ..Default::default() });
         let buf = rig.buffer(&[0u8; 512]);
         rig.add(0, T_IN, 0, &[Buf::writable(buf, 512)]);
-        rig.blk.notify(0);
-        rig.blk.notify(7); // no such queue
+        rig.blk.serve(0, &QueueStop::new());
+        rig.blk.serve(7, &QueueStop::new()); // no such queue
         assert_eq!(rig.queues[0].used_idx(&*rig.mem).unwrap(), 0);
         rig.activate(VIRTIO_F_VERSION_1);
         rig.blk.reset();
-        rig.blk.notify(0);
+        rig.blk.serve(0, &QueueStop::new());
         assert_eq!(rig.queues[0].used_idx(&*rig.mem).unwrap(), 0);
         assert!(rig.irq.events().is_empty());
     }
@@ -1166,7 +1209,7 @@ mod tests {
         let head = rig.queues[0].add_indirect(&*rig.mem, table, &bufs).unwrap();
         // Ask for an interrupt only after two completions.
         rig.queues[0].set_used_event(&*rig.mem, 1).unwrap();
-        rig.blk.notify(0);
+        rig.blk.serve(0, &QueueStop::new());
         assert_eq!(rig.mem.read_u8(status), S_OK);
         assert_eq!(rig.irq.used_count(0), 0, "used_event not crossed");
         assert_eq!(rig.queues[0].pop_used(&*rig.mem).unwrap(), Some((u32::from(head), 1)));
