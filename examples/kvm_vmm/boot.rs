@@ -49,7 +49,7 @@ pub struct Entry {
 /// entry note (CONFIG_PVH).
 pub fn load_kernel(ram: &Ram, path: &str) -> Result<Entry, String> {
     let mut file = File::open(path).map_err(|e| format!("{path}: {e}"))?;
-    let loaded = Elf::load(&ram.0, None, &mut file, Some(GuestAddress(HIMEM_START)))
+    let loaded = Elf::load(&*ram.0, None, &mut file, Some(GuestAddress(HIMEM_START)))
         .map_err(|e| format!("{path}: not a loadable ELF kernel: {e}"))?;
     match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => {
@@ -78,7 +78,7 @@ pub fn write_boot_params(
 ) -> Result<(), String> {
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| format!("command line: {e}"))?;
     cl.insert_str(cmdline).map_err(|e| format!("command line: {e}"))?;
-    load_cmdline(&ram.0, GuestAddress(CMDLINE_ADDR), &cl)
+    load_cmdline(&*ram.0, GuestAddress(CMDLINE_ADDR), &cl)
         .map_err(|e| format!("command line: {e}"))?;
 
     // Usable RAM below the EBDA and from 1 MiB up; the EBDA (MP table) and
@@ -116,7 +116,7 @@ pub fn write_boot_params(
         let module = hvm_modlist_entry { paddr, size, ..Default::default() };
         params.set_modules(&[module], GuestAddress(MODLIST_ADDR));
     }
-    PvhBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap>(&params, &ram.0)
+    PvhBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap>(&params, &*ram.0)
         .map_err(|e| format!("PVH boot parameters: {e}"))
 }
 

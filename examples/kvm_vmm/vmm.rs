@@ -163,7 +163,7 @@ fn run(o: &Options, kvm: &Kvm) -> Result<bool, String> {
     vm.create_irq_chip().map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(|e| format!("KVM_CREATE_PIT2: {e}"))?;
-    let ram = Ram::new(&vm, o.mem_mib << 20)?;
+    let ram = Arc::new(Ram::new(&vm, o.mem_mib << 20)?);
 
     // Devices.
     let console = Arc::new(Console::new(start));
@@ -176,7 +176,7 @@ fn run(o: &Options, kvm: &Kvm) -> Result<bool, String> {
     };
     let devs = devices::build(
         &config,
-        ram.clone(),
+        ram.for_devices(),
         interrupts.clone(),
         console.clone(),
         Arc::new(AtomicBool::new(false)),
