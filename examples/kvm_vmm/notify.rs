@@ -96,13 +96,15 @@ impl Notifiers {
     }
 
     /// Stops the workers (each serves its queue a last time); returns the
-    /// wake-ups each disk's workers took.
+    /// wake-ups each disk's workers took for the guest (the shutdown's own
+    /// wake-up not counted).
     pub fn shutdown(self) -> Vec<(String, u64)> {
         self.wired
             .into_iter()
             .map(|w| {
+                let wakes = w.events.iter().map(|e| e.wakes()).sum();
                 w.workers.shutdown();
-                (w.name, w.events.iter().map(|e| e.wakes()).sum())
+                (w.name, wakes)
             })
             .collect()
     }

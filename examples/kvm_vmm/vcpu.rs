@@ -11,6 +11,11 @@ use kvm_bindings::{
     KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
     KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET,
 };
+
+/// CPUID leaf of KVM's paravirtual feature bits, and the PV send-IPI bit
+/// (Linux's arch/x86/include/uapi/asm/kvm_para.h).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmio::{AccessError, DeviceManager, VcpuIo, Width};
@@ -203,6 +208,12 @@ pub fn create(kvm: &Kvm, vm: &kvm_ioctls::VmFd, id: u8, cpus: u8) -> Result<Vcpu
             }
             // x2APIC id.
             0xb => entry.edx = u32::from(id),
+            // KVM's paravirtual features: no PV send-IPI. On nested,
+            // software-assisted KVM hosts the sender of that hypercall
+            // never comes back, and Linux uses it as soon as there are two
+            // CPUs, so SMP bring-up hangs (the lock it holds stops the
+            // other CPUs too). Ordinary APIC IPIs work everywhere.
+            KVM_CPUID_FEATURES => entry.eax &= !(1 << KVM_FEATURE_PV_SEND_IPI),
             _ => {}
         }
     }
