@@ -2,7 +2,6 @@
 //! `DeviceManager`, plus the one kind this VMM adds (the i8042 reset port).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmio::virtio::GuestMemory;
 use vmio::{
@@ -21,8 +20,7 @@ pub const I8042_KIND: &str = "i8042-reset";
 /// Reads report an idle controller (no input waiting, input buffer empty),
 /// so the kernel's wait-for-ready loop before the command ends at once.
 pub struct I8042Reset {
-    reset: Arc<AtomicBool>,
-    on_reset: Box<dyn Fn() + Send + Sync>,
+    on_reset: Arc<dyn Fn() + Send + Sync>,
 }
 
 const CMD_RESET: u64 = 0xfe;
@@ -34,9 +32,6 @@ impl Device for I8042Reset {
 
     fn write(&self, _access: Access, value: u64) -> Result<(), DeviceError> {
         if value & 0xff == CMD_RESET {
-            // Release: the vCPU threads that see the flag (Acquire) also
-            // see everything the guest did before resetting.
-            self.reset.store(true, Ordering::Release);
             (self.on_reset)();
         }
         Ok(())
@@ -86,13 +81,12 @@ pub struct Devices {
 ///
 /// Misses are errors at the manager (the vCPU loop counts them, then
 /// answers as an undecoded bus would); the console goes to `console`; a
-/// guest reset sets `reset` and calls `on_reset`.
+/// guest reset calls `on_reset`.
 pub fn build(
     vm: &VmDeviceConfig,
     memory: Arc<dyn GuestMemory>,
     interrupts: Arc<IrqfdController>,
     console: Arc<Console>,
-    reset: Arc<AtomicBool>,
     on_reset: Arc<dyn Fn() + Send + Sync>,
 ) -> Result<Devices, String> {
     let mut kinds = DeviceKinds::default();
@@ -104,8 +98,7 @@ pub fn build(
                 ConfigErrorKind::InvalidValue { expected: "1 (the command port alone)" },
             ));
         }
-        let on_reset = on_reset.clone();
-        let device = I8042Reset { reset: reset.clone(), on_reset: Box::new(move || on_reset()) };
+        let device = I8042Reset { on_reset: on_reset.clone() };
         Ok(Built::new(Space::Pio, Arc::new(device)))
     });
     let manager = DeviceManager::builder()

@@ -174,14 +174,8 @@ fn run(o: &Options, kvm: &Kvm) -> Result<bool, String> {
         let runstate = runstate.clone();
         Arc::new(move || runstate.finish(Outcome::Reset))
     };
-    let devs = devices::build(
-        &config,
-        ram.for_devices(),
-        interrupts.clone(),
-        console.clone(),
-        Arc::new(AtomicBool::new(false)),
-        on_reset,
-    )?;
+    let devs =
+        devices::build(&config, ram.for_devices(), interrupts.clone(), console.clone(), on_reset)?;
     if devs.disks.is_empty() {
         return Err(format!("{}: no virtio-blk disk to boot from", o.config));
     }
@@ -235,13 +229,16 @@ fn run(o: &Options, kvm: &Kvm) -> Result<bool, String> {
             .map_err(|e| format!("vcpu thread: {e}"))?;
         threads.push(t);
     }
-    let hotplug = o.hotplug.map(|period| {
-        let (manager, runstate) = (devs.manager.clone(), runstate.clone());
-        thread::Builder::new()
-            .name("hotplug".into())
-            .spawn(move || hotplug::run(manager, runstate, period))
-            .expect("spawn the hot-plug thread")
-    });
+    let hotplug = o
+        .hotplug
+        .map(|period| {
+            let (manager, runstate) = (devs.manager.clone(), runstate.clone());
+            thread::Builder::new()
+                .name("hotplug".into())
+                .spawn(move || hotplug::run(manager, runstate, period))
+        })
+        .transpose()
+        .map_err(|e| format!("hot-plug thread: {e}"))?;
 
     let outcome = match o.sample {
         None => runstate.wait(o.timeout),
