@@ -208,11 +208,12 @@ pub fn create(kvm: &Kvm, vm: &kvm_ioctls::VmFd, id: u8, cpus: u8) -> Result<Vcpu
             }
             // x2APIC id.
             0xb => entry.edx = u32::from(id),
-            // KVM's paravirtual features: no PV send-IPI. On nested,
-            // software-assisted KVM hosts the sender of that hypercall
-            // never comes back, and Linux uses it as soon as there are two
-            // CPUs, so SMP bring-up hangs (the lock it holds stops the
-            // other CPUs too). Ordinary APIC IPIs work everywhere.
+            // KVM's paravirtual features: no PV send-IPI. On the nested,
+            // software-assisted KVM this was developed on, a vCPU making
+            // that hypercall was found stuck in it (Linux uses it as soon
+            // as there are two CPUs) while the other spun on a lock, and
+            // SMP bring-up never finished. Ordinary APIC IPIs work
+            // everywhere; the hypercall only saves exits.
             KVM_CPUID_FEATURES => entry.eax &= !(1 << KVM_FEATURE_PV_SEND_IPI),
             _ => {}
         }
