@@ -35,7 +35,7 @@
 //! Both vmio and vm-memory name a trait `GuestMemory`, and vm-memory's
 //! `Bytes` also has `read`/`write` methods: code that brings both traits
 //! into scope calls vmio's through the trait path
-//! (`vmio::virtio::GuestMemory::read(&mem, addr, buf)`) or through the
+//! (`vmio::GuestMemory::read(&mem, addr, buf)`) or through the
 //! `dyn GuestMemory` the devices take anyway.
 
 use core::ptr::NonNull;
