@@ -220,15 +220,16 @@ impl GuestRam {
 
     /// Calls `f(host_ptr, offset_in_access, n)` for each piece of
     /// `[addr, addr + len)` after checking the whole range.
-    #[inline]
+    #[inline(always)]
     fn for_each_piece(
         &self,
         addr: u64,
         len: u64,
         mut f: impl FnMut(NonNull<u8>, usize, usize),
     ) -> Result<(), MemoryError> {
-        // Fast path: the whole access inside the region holding `addr` (ring
-        // fields, descriptors, almost every buffer).
+        // Fast path, inlined into every access: the whole access inside the
+        // region holding `addr` (ring fields, descriptors, almost every
+        // buffer).
         if let Some(r) = self.region_of(addr) {
             let off = addr - r.base;
             if len <= r.len - off {
@@ -238,6 +239,20 @@ impl GuestRam {
                 return Ok(());
             }
         }
+        self.for_each_piece_across(addr, len, &mut f)
+    }
+
+    /// [`for_each_piece`](Self::for_each_piece) for an access that leaves
+    /// the region it starts in (or starts outside RAM): out of line, so the
+    /// fast path stays small enough to inline.
+    #[cold]
+    #[inline(never)]
+    fn for_each_piece_across(
+        &self,
+        addr: u64,
+        len: u64,
+        f: &mut dyn FnMut(NonNull<u8>, usize, usize),
+    ) -> Result<(), MemoryError> {
         self.check(addr, len)?;
         let mut done = 0u64;
         while done < len {
