@@ -271,6 +271,27 @@ impl GuestRam {
         }
         Ok(())
     }
+
+    /// [`GuestMemory::check`] for a range that leaves the region it starts
+    /// in, is empty, or starts outside RAM.
+    #[cold]
+    #[inline(never)]
+    fn check_across(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let last = addr.checked_add(len - 1).ok_or(MemoryError::Overflow { addr, len })?;
+        let oob = MemoryError::OutOfBounds { addr, len };
+        let mut r = self.region_of(addr).ok_or(oob)?;
+        // Walk adjacent regions until one holds `last`.
+        loop {
+            let r_last = r.base + (r.len - 1);
+            if last <= r_last {
+                return Ok(());
+            }
+            r = self.region_of(r_last + 1).ok_or(oob)?;
+        }
+    }
 }
 
 /// Copies up to this many bytes with volatile accesses (descriptors,
@@ -399,20 +420,14 @@ impl GuestMemory for GuestRam {
 
     #[inline]
     fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
-        if len == 0 {
+        // Fast path: inside the region holding `addr` (every buffer of a
+        // well-behaved driver).
+        if let Some(r) = self.region_of(addr)
+            && len <= r.len - (addr - r.base)
+        {
             return Ok(());
         }
-        let last = addr.checked_add(len - 1).ok_or(MemoryError::Overflow { addr, len })?;
-        let oob = MemoryError::OutOfBounds { addr, len };
-        let mut r = self.region_of(addr).ok_or(oob)?;
-        // Walk adjacent regions until one holds `last`.
-        loop {
-            let r_last = r.base + (r.len - 1);
-            if last <= r_last {
-                return Ok(());
-            }
-            r = self.region_of(r_last + 1).ok_or(oob)?;
-        }
+        self.check_across(addr, len)
     }
 
     #[inline]
