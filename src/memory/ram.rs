@@ -220,15 +220,16 @@ impl GuestRam {
 
     /// Calls `f(host_ptr, offset_in_access, n)` for each piece of
     /// `[addr, addr + len)` after checking the whole range.
-    #[inline]
+    #[inline(always)]
     fn for_each_piece(
         &self,
         addr: u64,
         len: u64,
         mut f: impl FnMut(NonNull<u8>, usize, usize),
     ) -> Result<(), MemoryError> {
-        // Fast path: the whole access inside the region holding `addr` (ring
-        // fields, descriptors, almost every buffer).
+        // Fast path, inlined into every access: the whole access inside the
+        // region holding `addr` (ring fields, descriptors, almost every
+        // buffer).
         if let Some(r) = self.region_of(addr) {
             let off = addr - r.base;
             if len <= r.len - off {
@@ -238,6 +239,20 @@ impl GuestRam {
                 return Ok(());
             }
         }
+        self.for_each_piece_across(addr, len, &mut f)
+    }
+
+    /// [`for_each_piece`](Self::for_each_piece) for an access that leaves
+    /// the region it starts in (or starts outside RAM): out of line, so the
+    /// fast path stays small enough to inline.
+    #[cold]
+    #[inline(never)]
+    fn for_each_piece_across(
+        &self,
+        addr: u64,
+        len: u64,
+        f: &mut dyn FnMut(NonNull<u8>, usize, usize),
+    ) -> Result<(), MemoryError> {
         self.check(addr, len)?;
         let mut done = 0u64;
         while done < len {
@@ -256,6 +271,27 @@ impl GuestRam {
         }
         Ok(())
     }
+
+    /// [`GuestMemory::check`] for a range that leaves the region it starts
+    /// in, is empty, or starts outside RAM.
+    #[cold]
+    #[inline(never)]
+    fn check_across(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let last = addr.checked_add(len - 1).ok_or(MemoryError::Overflow { addr, len })?;
+        let oob = MemoryError::OutOfBounds { addr, len };
+        let mut r = self.region_of(addr).ok_or(oob)?;
+        // Walk adjacent regions until one holds `last`.
+        loop {
+            let r_last = r.base + (r.len - 1);
+            if last <= r_last {
+                return Ok(());
+            }
+            r = self.region_of(r_last + 1).ok_or(oob)?;
+        }
+    }
 }
 
 /// Copies up to this many bytes with volatile accesses (descriptors,
@@ -273,6 +309,23 @@ unsafe fn copy_from_guest(src: *const u8, dst: *mut u8, n: usize) {
         // SAFETY: the caller's contract.
         unsafe { core::ptr::copy_nonoverlapping(src, dst, n) };
         return;
+    }
+    // The shapes the rings and requests use — a naturally aligned
+    // descriptor, header or ring entry — in one or two loads, without the
+    // general loop.
+    // SAFETY: the caller's contract (`n` bytes valid at both pointers), and
+    // each arm checks the guest side's alignment before its volatile load.
+    unsafe {
+        if n == 16 && src.cast::<u64>().is_aligned() {
+            let s = src.cast::<u64>();
+            dst.cast::<u64>().write_unaligned(s.read_volatile());
+            dst.add(8).cast::<u64>().write_unaligned(s.add(1).read_volatile());
+            return;
+        }
+        if n == 2 && src.cast::<u16>().is_aligned() {
+            dst.cast::<u16>().write_unaligned(src.cast::<u16>().read_volatile());
+            return;
+        }
     }
     let mut i = 0;
     while i < n {
@@ -308,6 +361,19 @@ unsafe fn copy_to_guest(src: *const u8, dst: *mut u8, n: usize) {
         // SAFETY: the caller's contract.
         unsafe { core::ptr::copy_nonoverlapping(src, dst, n) };
         return;
+    }
+    // A used element or a status byte without the general loop.
+    // SAFETY: as in `copy_from_guest`, with the guest on the store side;
+    // each arm checks the guest side's alignment before its volatile store.
+    unsafe {
+        if n == 8 && dst.cast::<u64>().is_aligned() {
+            dst.cast::<u64>().write_volatile(src.cast::<u64>().read_unaligned());
+            return;
+        }
+        if n == 1 {
+            dst.write_volatile(src.read());
+            return;
+        }
     }
     let mut i = 0;
     while i < n {
@@ -354,20 +420,14 @@ impl GuestMemory for GuestRam {
 
     #[inline]
     fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
-        if len == 0 {
+        // Fast path: inside the region holding `addr` (every buffer of a
+        // well-behaved driver).
+        if let Some(r) = self.region_of(addr)
+            && len <= r.len - (addr - r.base)
+        {
             return Ok(());
         }
-        let last = addr.checked_add(len - 1).ok_or(MemoryError::Overflow { addr, len })?;
-        let oob = MemoryError::OutOfBounds { addr, len };
-        let mut r = self.region_of(addr).ok_or(oob)?;
-        // Walk adjacent regions until one holds `last`.
-        loop {
-            let r_last = r.base + (r.len - 1);
-            if last <= r_last {
-                return Ok(());
-            }
-            r = self.region_of(r_last + 1).ok_or(oob)?;
-        }
+        self.check_across(addr, len)
     }
 
     #[inline]
