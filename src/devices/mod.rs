@@ -17,10 +17,10 @@ pub use blk::{MAX_RAM_DISK, VirtioBlkMmio};
 pub use reserved::Reserved;
 pub use uart::{RX_CAPACITY, Uart16550, UartOutput};
 
+use crate::GuestMemory;
 use crate::config::{ConfigError, ConfigErrorKind, DeviceConfig, Space};
 use crate::device::Device;
 use crate::irq::IrqLine;
-use crate::virtio::GuestMemory;
 
 /// Receives what a configured console device (a `uart16550`) transmits:
 /// the device's name and the bytes.

@@ -7,11 +7,11 @@ use core::fmt;
 use super::buses::Buses;
 use super::dispatch::Shared;
 use super::{DeviceManager, ManagerError, MissPolicy, Table};
+use crate::GuestMemory;
 use crate::config::{Space, VmDeviceConfig};
 use crate::devices::{ConsoleSink, DeviceKinds};
 use crate::irq::InterruptController;
 use crate::sync::Mutex;
-use crate::virtio::GuestMemory;
 
 /// Configures a [`DeviceManager`] before its first devices are built.
 #[derive(Default)]

@@ -46,6 +46,7 @@ use buses::Buses;
 use dispatch::Shared;
 use placement::name_of;
 
+use crate::GuestMemory;
 use crate::addr::{AddressSpace, IoRange, Mmio, Pio, SysReg};
 use crate::bus::{BusError, IoBus, Unplug};
 use crate::config::{ConfigErrorKind, DeviceConfig, Space, VmDeviceConfig};
@@ -53,7 +54,6 @@ use crate::device::{Device, DeviceId};
 use crate::devices::{BuildEnv, ConsoleSink, DeviceKinds};
 use crate::irq::{InterruptController, IrqLine};
 use crate::sync::Mutex;
-use crate::virtio::GuestMemory;
 
 /// A named device as the manager knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -67,9 +67,7 @@ pub use queue::{
 #[cfg(feature = "std")]
 pub use worker::QueueWorkers;
 
-/// Guest memory as the manager still names it; the public path is
-/// [`crate::GuestMemory`].
-pub(crate) use crate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 pub(crate) use serve::{ChainHandler, serve_queue};
 
 /// Everything a device receives when the driver sets DRIVER_OK.
