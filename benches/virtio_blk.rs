@@ -55,11 +55,11 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use glue::{BlkQueue, RAM_BASE, RequestBufs, T_IN, T_OUT, bring_up, guest_ram};
 use vmio::IrqLine;
+use vmio::testing::{Intercept, ServeHook};
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, RequestHeader, RequestType, VirtioBlk};
 use vmio::virtio::spec::mmio as regs;
 use vmio::virtio::{
-    ActivateError, Activation, CondvarEvent, MmioTransport, QueueEvent, QueueStop, QueueWorkers,
-    Trigger, VirtioDevice,
+    CondvarEvent, MmioTransport, QueueEvent, QueueStop, QueueWorkers, Trigger, VirtioDevice,
 };
 use vmio::{IoBus, IoRange, Mmio, Width};
 
@@ -91,12 +91,11 @@ impl IrqLine for CountingLine {
     }
 }
 
-/// A device that adds up the time its serve calls take, while `on`:
-/// thread CPU time for the criterion groups (`device-cputime`), wall-clock
-/// time for the summary table (`wall`), whose per-request figures at batch 1
-/// cannot afford a system call per serve.
-struct Timed<D> {
-    inner: D,
+/// Adds up the time its device's serve calls take, while `on`: thread CPU
+/// time for the criterion groups (`device-cputime`), wall-clock time for the
+/// summary table (`wall`), whose per-request figures at batch 1 cannot
+/// afford a system call per serve.
+struct Timed {
     on: Arc<AtomicBool>,
     wall: Arc<AtomicBool>,
     serve_ns: Arc<AtomicU64>,
@@ -106,32 +105,11 @@ struct Timed<D> {
     finished: Arc<AtomicU64>,
 }
 
-impl<D: VirtioDevice> VirtioDevice for Timed<D> {
-    fn device_type(&self) -> u32 {
-        self.inner.device_type()
-    }
-    fn features(&self) -> u64 {
-        self.inner.features()
-    }
-    fn num_queues(&self) -> u16 {
-        self.inner.num_queues()
-    }
-    fn max_queue_size(&self, q: u16) -> u16 {
-        self.inner.max_queue_size(q)
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        self.inner.read_config(offset, data)
-    }
-    fn write_config(&self, offset: u64, data: &[u8]) {
-        self.inner.write_config(offset, data)
-    }
-    fn activate(&self, a: Activation) -> Result<(), ActivateError> {
-        self.inner.activate(a)
-    }
-    fn serve(&self, queue: u16, stop: &QueueStop) {
+impl ServeHook for Timed {
+    fn serve<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16, stop: &QueueStop) {
         // Relaxed: set between runs, while no request is in flight.
         if !self.on.load(Ordering::Relaxed) {
-            return self.inner.serve(queue, stop);
+            return device.serve(queue, stop);
         }
         // Relaxed: counted before the serve publishes anything, so a driver
         // that saw a completion sees this count through the used ring's
@@ -139,19 +117,16 @@ impl<D: VirtioDevice> VirtioDevice for Timed<D> {
         self.started.fetch_add(1, Ordering::Relaxed);
         let ns = if self.wall.load(Ordering::Relaxed) {
             let t = Instant::now();
-            self.inner.serve(queue, stop);
+            device.serve(queue, stop);
             t.elapsed().as_nanos() as u64
         } else {
             let t = thread_cpu_time();
-            self.inner.serve(queue, stop);
+            device.serve(queue, stop);
             (thread_cpu_time() - t).as_nanos() as u64
         };
         self.serve_ns.fetch_add(ns, Ordering::Relaxed);
         // Release: the sum is in place before a reader sees the count.
         self.finished.fetch_add(1, Ordering::Release);
-    }
-    fn reset(&self) {
-        self.inner.reset()
     }
 }
 
@@ -252,13 +227,15 @@ impl Rig {
         let timing = Arc::new(AtomicBool::new(false));
         let wall = Arc::new(AtomicBool::new(false));
         let (started, finished) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let blk = Timed {
-            inner: VirtioBlk::new(disk, config).unwrap(),
-            on: timing.clone(),
-            wall: wall.clone(),
-            serve_ns: serve_ns.clone(),
-            started: started.clone(),
-            finished: finished.clone(),
+        let blk = Intercept {
+            device: VirtioBlk::new(disk, config).unwrap(),
+            hook: Timed {
+                on: timing.clone(),
+                wall: wall.clone(),
+                serve_ns: serve_ns.clone(),
+                started: started.clone(),
+                finished: finished.clone(),
+            },
         };
         let line = Arc::new(CountingLine::default());
         let transport = Arc::new(MmioTransport::new(blk, guest_ram(), line, Trigger::Edge));

@@ -24,10 +24,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use glue::{T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES, bring_up, dwz_segment, guest_ram};
-use vmio::testing::{BackendOp, FaultyDisk, RecordingIrq};
+use vmio::testing::{BackendOp, FaultyDisk, Intercept, RecordingIrq, ServeHook};
 use vmio::virtio::blk::{BackendError, BlkConfig, BlockBackend, RamDisk, VirtioBlk};
 use vmio::virtio::spec::blk::{S_IOERR, S_OK};
-use vmio::virtio::{ActivateError, Activation, MmioTransport, Trigger, VirtioDevice};
+use vmio::virtio::{MmioTransport, QueueStop, Trigger, VirtioDevice};
 use vmio::{IoBus, IoRange, Mmio};
 
 const BASE: u64 = 0x1000_0000;
@@ -140,40 +140,15 @@ fn queues_are_processed_in_parallel() {
     assert_eq!(rendezvous.most_inside.load(Ordering::Relaxed), 2);
 }
 
-/// The device behind one lock: what a device-wide lock would look like.
-struct Serialized<D> {
-    inner: D,
-    lock: Mutex<()>,
-}
+/// Serves every queue behind one lock: what a device-wide lock would look
+/// like.
+#[derive(Default)]
+struct Serialized(Mutex<()>);
 
-impl<D: VirtioDevice> VirtioDevice for Serialized<D> {
-    fn device_type(&self) -> u32 {
-        self.inner.device_type()
-    }
-    fn features(&self) -> u64 {
-        self.inner.features()
-    }
-    fn num_queues(&self) -> u16 {
-        self.inner.num_queues()
-    }
-    fn max_queue_size(&self, queue: u16) -> u16 {
-        self.inner.max_queue_size(queue)
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        self.inner.read_config(offset, data)
-    }
-    fn write_config(&self, offset: u64, data: &[u8]) {
-        self.inner.write_config(offset, data)
-    }
-    fn activate(&self, activation: Activation) -> Result<(), ActivateError> {
-        self.inner.activate(activation)
-    }
-    fn serve(&self, queue: u16, stop: &vmio::virtio::QueueStop) {
-        let _all = self.lock.lock().unwrap();
-        self.inner.serve(queue, stop)
-    }
-    fn reset(&self) {
-        self.inner.reset()
+impl ServeHook for Serialized {
+    fn serve<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16, stop: &QueueStop) {
+        let _all = self.0.lock().unwrap();
+        device.serve(queue, stop)
     }
 }
 
@@ -184,9 +159,9 @@ fn queues_are_processed_in_parallel_detects_serialization() {
     let rendezvous = Arc::new(Rendezvous::new(2, Duration::from_millis(50)));
     let backend = Rendezvous::disk(&rendezvous);
     let config = BlkConfig { num_queues: 2, ..BlkConfig::default() };
-    let device = Serialized {
-        inner: VirtioBlk::new(backend.clone(), config).unwrap(),
-        lock: Mutex::new(()),
+    let device = Intercept {
+        device: VirtioBlk::new(backend.clone(), config).unwrap(),
+        hook: Serialized::default(),
     };
     let statuses = two_queue_rounds(&plug(device), 3);
     assert!(statuses.contains(&S_IOERR), "serialized queues went unnoticed: {statuses:?}");

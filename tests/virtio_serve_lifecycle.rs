@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use vmio::testing::{
     BackendOp, BlkRequest, Buf, DirectIo, FaultyDisk, GuestAlloc, GuestQueue, InitOptions,
-    MmioDriver, RecordingIrq,
+    Intercept, MmioDriver, RecordingIrq, ServeHook,
 };
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, RequestType, VirtioBlk};
 use vmio::virtio::spec::blk::S_OK;
@@ -39,10 +39,7 @@ use vmio::virtio::spec::features::VIRTIO_F_VERSION_1;
 use vmio::virtio::spec::interrupt::USED_BUFFER as INT_USED_BUFFER;
 use vmio::virtio::spec::mmio as regs;
 use vmio::virtio::spec::status::DEVICE_NEEDS_RESET;
-use vmio::virtio::{
-    ActivateError, Activation, CondvarEvent, MmioTransport, QueueEvent, QueueStop, QueueWorkers,
-    Trigger, VirtioDevice,
-};
+use vmio::virtio::{CondvarEvent, MmioTransport, QueueEvent, QueueWorkers, Trigger, VirtioDevice};
 use vmio::{Access, Device, Width};
 use vmio::{GuestMemory, GuestRam, MemoryError};
 
@@ -277,59 +274,31 @@ fn notify_during_a_serve_is_not_lost() {
     workers.shutdown();
 }
 
-/// A device that counts the lifecycle calls it gets.
-struct Counting<D> {
-    inner: D,
+/// Counts the lifecycle calls its device gets.
+#[derive(Default)]
+struct Counting {
     stopped: AtomicUsize,
     started: AtomicUsize,
 }
 
-impl<D: VirtioDevice> VirtioDevice for Counting<D> {
-    fn device_type(&self) -> u32 {
-        self.inner.device_type()
-    }
-    fn features(&self) -> u64 {
-        self.inner.features()
-    }
-    fn num_queues(&self) -> u16 {
-        self.inner.num_queues()
-    }
-    fn max_queue_size(&self, q: u16) -> u16 {
-        self.inner.max_queue_size(q)
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        self.inner.read_config(offset, data)
-    }
-    fn write_config(&self, offset: u64, data: &[u8]) {
-        self.inner.write_config(offset, data)
-    }
-    fn activate(&self, a: Activation) -> Result<(), ActivateError> {
-        self.inner.activate(a)
-    }
-    fn serve(&self, queue: u16, stop: &QueueStop) {
-        self.inner.serve(queue, stop)
-    }
-    fn queue_stopped(&self, queue: u16) {
+impl ServeHook for Counting {
+    fn queue_stopped<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16) {
         // Relaxed: counters read after the fact.
         self.stopped.fetch_add(1, Ordering::Relaxed);
-        self.inner.queue_stopped(queue)
+        device.queue_stopped(queue)
     }
-    fn queue_started(&self, queue: u16) {
+    fn queue_started<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16) {
         self.started.fetch_add(1, Ordering::Relaxed);
-        self.inner.queue_started(queue)
-    }
-    fn reset(&self) {
-        self.inner.reset()
+        device.queue_started(queue)
     }
 }
 
 fn queue_ready_zero_stops_the_queue_in(deferred: bool) {
     let ram = Arc::new(GuestRam::new(RAM, RAM_SIZE).unwrap());
     let disk = Arc::new(RamDisk::new(1 << 20));
-    let blk = Counting {
-        inner: VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap(),
-        stopped: 0.into(),
-        started: 0.into(),
+    let blk = Intercept {
+        device: VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap(),
+        hook: Counting::default(),
     };
     let line = Arc::new(RecordingIrq::new());
     let dev = Arc::new(MmioTransport::new(blk, ram.clone(), line, Trigger::Edge));
@@ -350,7 +319,7 @@ fn queue_ready_zero_stops_the_queue_in(deferred: bool) {
     wr(&*dev, regs::QUEUE_READY, 0);
     assert_eq!(rd(&*dev, regs::QUEUE_READY), 0);
     assert!(!dev.queue_live(0));
-    assert_eq!(dev.device().stopped.load(Ordering::Relaxed), 1);
+    assert_eq!(dev.device().hook.stopped.load(Ordering::Relaxed), 1);
 
     // Requests made available now must not be touched, however notified.
     let used_before = drv.queue(0).used_idx(&*ram).unwrap();
@@ -368,7 +337,7 @@ fn queue_ready_zero_stops_the_queue_in(deferred: bool) {
     // request left in the ring is served (deferred: without a new notify).
     wr(&*dev, regs::QUEUE_READY, 1);
     assert_eq!(rd(&*dev, regs::QUEUE_READY), 1);
-    assert_eq!(dev.device().started.load(Ordering::Relaxed), 1);
+    assert_eq!(dev.device().hook.started.load(Ordering::Relaxed), 1);
     if !deferred {
         drv.notify(0).unwrap();
     }

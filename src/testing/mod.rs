@@ -24,12 +24,15 @@
 //!   blocks them on a test's hook ([`BackendOp`]).
 //! - [`RecordingIrq`] / [`RecordingController`]: interrupt lines that
 //!   record what they were asked ([`IrqEvent`]).
+//! - [`Intercept`]: a device wrapper that forwards every call and runs a
+//!   [`ServeHook`] around the queue calls (serve, queue stopped/started).
 
 mod blk;
 mod echo;
 mod fuzz;
 mod fuzz_blk;
 mod hostile;
+mod intercept;
 mod irq;
 mod mmio;
 mod queue;
@@ -40,6 +43,7 @@ pub use echo::{ECHO_CONFIG_LEN, ECHO_DEVICE_TYPE, EchoDevice};
 pub use fuzz::{FUZZ_RAM, fuzz_mmio};
 pub use fuzz_blk::{FUZZ_BLK_RAM, fuzz_blk};
 pub use hostile::{Expect, Hostile, HostileEnv};
+pub use intercept::{Intercept, ServeHook};
 pub use irq::{IrqEvent, RecordingController, RecordingIrq};
 #[cfg(feature = "std")]
 pub use mmio::BusIo;
