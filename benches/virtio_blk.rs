@@ -53,10 +53,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
-use glue::{BlkQueue, RAM_BASE, RequestBufs, T_IN, T_OUT, bring_up, guest_ram};
+use glue::{BlkQueue, RAM_BASE, RequestBufs, bring_up, guest_ram};
 use vmio::IrqLine;
 use vmio::testing::{Intercept, ServeHook};
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, RequestHeader, RequestType, VirtioBlk};
+use vmio::virtio::spec::blk::{T_IN, T_OUT};
 use vmio::virtio::spec::mmio as regs;
 use vmio::virtio::{
     CondvarEvent, MmioTransport, QueueEvent, QueueStop, QueueWorkers, Trigger, VirtioDevice,

@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use glue::{T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES, bring_up, dwz_segment, guest_ram};
+use glue::{bring_up, dwz_segment, guest_ram};
 use vmio::testing::{BackendOp, FaultyDisk, Intercept, RecordingIrq, ServeHook};
 use vmio::virtio::blk::{BackendError, BlkConfig, BlockBackend, RamDisk, VirtioBlk};
-use vmio::virtio::spec::blk::{S_IOERR, S_OK};
+use vmio::virtio::spec::blk::{S_IOERR, S_OK, T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES};
 use vmio::virtio::{MmioTransport, QueueStop, Trigger, VirtioDevice};
 use vmio::{IoBus, IoRange, Mmio};
 

@@ -32,11 +32,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use glue::{BusTransport, GuestHal, T_FLUSH, T_IN, T_OUT, bring_up, guest_ram};
+use glue::{BusTransport, GuestHal, bring_up, guest_ram};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use vmio::testing::{BackendOp, FaultyDisk};
 use vmio::virtio::blk::{BackendError, BlkConfig, BlockBackend, RamDisk, VirtioBlk};
-use vmio::virtio::spec::blk::S_OK;
+use vmio::virtio::spec::blk::{S_OK, T_FLUSH, T_IN, T_OUT};
 use vmio::virtio::spec::mmio::QUEUE_NOTIFY;
 use vmio::virtio::{CondvarEvent, MmioTransport, QueueEvent, QueueWorkers, Trigger};
 use vmio::{Access, Device, DeviceError, IoBus, IoRange, IrqLine, Mmio, Width};

@@ -15,13 +15,14 @@ mod glue;
 use std::sync::{Arc, OnceLock};
 use std::thread;
 
-use glue::{BusTransport, GuestHal, RAM_BASE, RAM_SIZE, T_IN, T_OUT, bring_up, guest_ram};
+use glue::{BusTransport, GuestHal, RAM_BASE, RAM_SIZE, bring_up, guest_ram};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::transport::{DeviceType, Transport};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmio::GuestMemory;
 use vmio::testing::RecordingIrq;
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
+use vmio::virtio::spec::blk::{T_IN, T_OUT};
 use vmio::virtio::{MmioTransport, Trigger};
 use vmio::{IoBus, IoRange, Mmio};
 

@@ -404,19 +404,6 @@ pub trait RequestBufs {
     fn parts(&mut self) -> (&[u8], &mut [u8], &mut [u8]);
 }
 
-/// virtio-blk request types.
-pub const T_IN: u32 = 0;
-/// Write.
-pub const T_OUT: u32 = 1;
-/// Flush.
-pub const T_FLUSH: u32 = 4;
-/// Device id.
-pub const T_GET_ID: u32 = 8;
-/// Discard.
-pub const T_DISCARD: u32 = 11;
-/// Write zeroes.
-pub const T_WRITE_ZEROES: u32 = 13;
-
 fn header(kind: u32, sector: u64) -> [u8; 16] {
     RequestHeader::new(RequestType::from_raw(kind), sector).to_bytes()
 }
