@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use glue::{BusTransport, GuestHal, bring_up, guest_ram};
+use glue::{BusTransport, GuestHal, bring_up, flush_and_check_id, guest_ram, write_read_verify};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use vmio::testing::{BackendOp, FaultyDisk};
 use vmio::virtio::blk::{BackendError, BlkConfig, BlockBackend, RamDisk, VirtioBlk};
@@ -69,31 +69,6 @@ fn events(n: u16) -> Vec<Arc<dyn QueueEvent>> {
     (0..n).map(|_| Arc::new(CondvarEvent::new()) as Arc<dyn QueueEvent>).collect()
 }
 
-/// Random writes with read-back, then the whole disk against a shadow.
-fn write_read_verify(driver: &mut VirtIOBlk<GuestHal, BusTransport>, rounds: usize) -> Vec<u8> {
-    let sectors = driver.capacity() as usize;
-    let mut shadow = vec![0u8; sectors * SECTOR_SIZE];
-    let mut rng = Rng::new(0xdef0_1234_5678_9abc);
-    for round in 0..rounds {
-        let n = 1 + rng.below(16) as usize;
-        let start = rng.below((sectors - n) as u64) as usize;
-        let data: Vec<u8> = (0..n * SECTOR_SIZE).map(|_| rng.next() as u8).collect();
-        driver.write_blocks(start, &data).unwrap_or_else(|e| panic!("round {round}: {e:?}"));
-        shadow[start * SECTOR_SIZE..(start + n) * SECTOR_SIZE].copy_from_slice(&data);
-        let mut back = vec![0u8; data.len()];
-        driver.read_blocks(start, &mut back).unwrap();
-        assert_eq!(back, data, "round {round}: sectors {start}+{n}");
-    }
-    let mut chunk = vec![0u8; 64 * SECTOR_SIZE];
-    for start in (0..sectors).step_by(64) {
-        let n = (sectors - start).min(64);
-        driver.read_blocks(start, &mut chunk[..n * SECTOR_SIZE]).unwrap();
-        let want = &shadow[start * SECTOR_SIZE..(start + n) * SECTOR_SIZE];
-        assert!(chunk[..n * SECTOR_SIZE] == *want, "disk differs from shadow at sector {start}");
-    }
-    shadow
-}
-
 #[test]
 fn deferred_virtio_drivers_end_to_end() {
     let rounds = if cfg!(miri) { 8 } else { 200 };
@@ -110,11 +85,8 @@ fn deferred_virtio_drivers_end_to_end() {
     bus.register(IoRange::new(BASE, 0x200).unwrap(), transport.clone()).unwrap();
 
     let mut driver = VirtIOBlk::<GuestHal, _>::new(BusTransport::new(&bus, BASE, 0)).unwrap();
-    let shadow = write_read_verify(&mut driver, rounds);
-    driver.flush().unwrap();
-    let mut id = [0u8; 20];
-    let len = driver.device_id(&mut id).unwrap();
-    assert_eq!(&id[..len], b"deferred");
+    let shadow = write_read_verify(&mut driver, rounds, 0xdef0_1234_5678_9abc);
+    flush_and_check_id(&mut driver, b"deferred");
 
     let mut on_disk = vec![0u8; shadow.len()];
     disk.inner().read_at(0, &mut on_disk).unwrap();
@@ -204,7 +176,7 @@ fn ioeventfd_notifies_that_never_reach_the_transport() {
     bus.register(IoRange::new(BASE, 0x200).unwrap(), front.clone()).unwrap();
 
     let mut driver = VirtIOBlk::<GuestHal, _>::new(BusTransport::new(&bus, BASE, 0)).unwrap();
-    write_read_verify(&mut driver, rounds);
+    write_read_verify(&mut driver, rounds, 0xdef0_1234_5678_9abc);
     assert!(front.absorbed.load(Ordering::Relaxed) > 0, "no notify went through the eventfd");
     drop(driver);
     drop(workers);

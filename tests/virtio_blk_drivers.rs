@@ -6,14 +6,13 @@
 
 #[path = "common/rng.rs"]
 mod rng;
-use rng::Rng;
 
 #[path = "common/virtio_drivers_glue.rs"]
 mod glue;
 
 use std::sync::Arc;
 
-use glue::{BusTransport, GuestHal, guest_ram};
+use glue::{BusTransport, GuestHal, flush_and_check_id, guest_ram, write_read_verify};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::transport::{DeviceType, Transport};
 use vmio::testing::RecordingIrq;
@@ -33,37 +32,6 @@ fn plug<B: BlockBackend + 'static>(backend: B, config: BlkConfig) -> IoBus<Mmio>
     bus
 }
 
-/// Writes `rounds` random extents through the driver, keeping a shadow, and
-/// verifies each read-back and finally the whole disk.
-fn write_read_verify(
-    driver: &mut VirtIOBlk<GuestHal, BusTransport>,
-    rounds: usize,
-    seed: u64,
-) -> Vec<u8> {
-    let sectors = driver.capacity() as usize;
-    let mut shadow = vec![0u8; sectors * SECTOR_SIZE];
-    let mut rng = Rng::new(seed);
-    for round in 0..rounds {
-        let n = 1 + rng.below(16) as usize;
-        let start = rng.below((sectors - n) as u64) as usize;
-        let data: Vec<u8> = (0..n * SECTOR_SIZE).map(|_| rng.next() as u8).collect();
-        driver.write_blocks(start, &data).unwrap_or_else(|e| panic!("round {round}: write: {e:?}"));
-        shadow[start * SECTOR_SIZE..(start + n) * SECTOR_SIZE].copy_from_slice(&data);
-        let mut back = vec![0u8; data.len()];
-        driver.read_blocks(start, &mut back).unwrap();
-        assert_eq!(back, data, "round {round}: sectors {start}+{n}");
-    }
-    // The whole disk, 64 KiB at a time, against the shadow.
-    let mut chunk = vec![0u8; 128 * SECTOR_SIZE];
-    for start in (0..sectors).step_by(128) {
-        let n = (sectors - start).min(128);
-        driver.read_blocks(start, &mut chunk[..n * SECTOR_SIZE]).unwrap();
-        let want = &shadow[start * SECTOR_SIZE..(start + n) * SECTOR_SIZE];
-        assert!(chunk[..n * SECTOR_SIZE] == *want, "disk differs from shadow at sector {start}");
-    }
-    shadow
-}
-
 #[test]
 fn virtio_drivers_blk_runs_against_ram_disk() {
     let rounds = if cfg!(miri) { 8 } else { 300 };
@@ -78,10 +46,7 @@ fn virtio_drivers_blk_runs_against_ram_disk() {
     assert!(!driver.readonly());
 
     let shadow = write_read_verify(&mut driver, rounds, 0x1234_5678);
-    driver.flush().expect("flush");
-    let mut id = [0u8; 20];
-    let len = driver.device_id(&mut id).expect("GET_ID");
-    assert_eq!(&id[..len], b"vmio-e2e-ram");
+    flush_and_check_id(&mut driver, b"vmio-e2e-ram");
 
     // What the driver wrote is what the backend holds.
     let mut on_disk = vec![0u8; shadow.len()];
@@ -118,10 +83,8 @@ fn virtio_drivers_blk_runs_against_file_disk() {
         let mut driver = VirtIOBlk::<GuestHal, _>::new(BusTransport::new(&bus, BASE, 0)).unwrap();
         assert_eq!(driver.capacity(), (2 << 20) / 512);
         let shadow = write_read_verify(&mut driver, rounds, 42);
-        driver.flush().expect("flush (sync_data)");
-        let mut id = [0u8; 20];
-        let len = driver.device_id(&mut id).unwrap();
-        assert_eq!(&id[..len], b"vmio-e2e-file");
+        // The flush is the file's sync_data.
+        flush_and_check_id(&mut driver, b"vmio-e2e-file");
         shadow
     };
     // Everything reached the file.

@@ -15,7 +15,10 @@ mod glue;
 use std::sync::{Arc, OnceLock};
 use std::thread;
 
-use glue::{BusTransport, GuestHal, RAM_BASE, RAM_SIZE, bring_up, guest_ram};
+use glue::{
+    BusTransport, GuestHal, RAM_BASE, RAM_SIZE, bring_up, flush_and_check_id, guest_ram,
+    write_read_verify,
+};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::transport::{DeviceType, Transport};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -68,22 +71,8 @@ fn virtio_drivers_blk_over_guest_memory_mmap() {
     let sectors = driver.capacity() as usize;
     assert_eq!(sectors, (4 << 20) / SECTOR_SIZE);
 
-    let mut shadow = vec![0u8; sectors * SECTOR_SIZE];
-    let mut rng = Rng::new(0x5eed);
-    for round in 0..rounds {
-        let n = 1 + (rng.next() % 16) as usize;
-        let start = (rng.next() % (sectors - n) as u64) as usize;
-        let data: Vec<u8> = (0..n * SECTOR_SIZE).map(|_| rng.next() as u8).collect();
-        driver.write_blocks(start, &data).unwrap_or_else(|e| panic!("round {round}: {e:?}"));
-        shadow[start * SECTOR_SIZE..(start + n) * SECTOR_SIZE].copy_from_slice(&data);
-        let mut back = vec![0u8; data.len()];
-        driver.read_blocks(start, &mut back).unwrap();
-        assert_eq!(back, data, "round {round}: sectors {start}+{n}");
-    }
-    driver.flush().expect("flush");
-    let mut id = [0u8; 20];
-    let len = driver.device_id(&mut id).expect("GET_ID");
-    assert_eq!(&id[..len], b"vmio-vm-memory");
+    let shadow = write_read_verify(&mut driver, rounds, 0x5eed);
+    flush_and_check_id(&mut driver, b"vmio-vm-memory");
 
     let mut on_disk = vec![0u8; shadow.len()];
     disk.read_at(0, &mut on_disk).unwrap();
