@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use vmio::testing::{
     BackendOp, BlkRequest, Buf, DirectIo, FaultyDisk, GuestAlloc, GuestQueue, InitOptions,
-    Intercept, MmioDriver, RecordingIrq, ServeHook,
+    Intercept, MmioDriver, RecordingIrq, RegisterIo, ServeHook,
 };
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, RequestType, VirtioBlk};
 use vmio::virtio::spec::blk::S_OK;
@@ -440,9 +440,19 @@ impl Gated {
     }
 }
 
-#[test]
-fn reset_while_a_worker_is_mid_batch() {
-    const BATCH: u64 = 16;
+/// Writes made available in one go by the mid-batch tests.
+const BATCH: u64 = 16;
+
+/// A virtio-blk over a [`Gated`] disk, its one queue served by a worker.
+struct GatedDevice {
+    ram: Arc<GuestRam>,
+    disk: Arc<FaultyDisk>,
+    gate: Arc<Gated>,
+    dev: Arc<MmioTransport<VirtioBlk<Arc<FaultyDisk>>>>,
+    workers: QueueWorkers,
+}
+
+fn gated_device() -> GatedDevice {
     let ram = Arc::new(GuestRam::new(RAM, RAM_SIZE).unwrap());
     let (disk, gate) = Gated::disk();
     let blk = VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap();
@@ -454,19 +464,49 @@ fn reset_while_a_worker_is_mid_batch() {
     ));
     let ev: Arc<dyn QueueEvent> = Arc::new(CondvarEvent::new());
     let workers = QueueWorkers::spawn(dev.clone(), vec![ev]).unwrap();
+    GatedDevice { ram, disk, gate, dev, workers }
+}
+
+/// Makes [`BATCH`] one-sector writes available at once (sector `10 + i`
+/// filled with `fill + i`), notifies, and waits until the worker is inside
+/// the first. Returns each request's head and status address.
+fn submit_batch<R: RegisterIo>(
+    drv: &mut MmioDriver<R>,
+    ram: &GuestRam,
+    reqs: &mut Requests,
+    gate: &Gated,
+    fill: u8,
+) -> Vec<(u16, u64)> {
+    let mut submitted = Vec::new();
+    for i in 0..BATCH {
+        let (bufs, st) = reqs.write(10 + i, fill + i as u8);
+        submitted.push((drv.queue(0).add_unpublished(ram, &bufs).unwrap(), st));
+    }
+    drv.queue(0).publish(ram).unwrap();
+    drv.notify(0).unwrap();
+    gate.wait_entered();
+    submitted
+}
+
+/// The heads completed on `q`, each checked to complete once, with its
+/// one status byte written.
+fn reap_each_once(q: &mut GuestQueue, ram: &GuestRam) -> Vec<u32> {
+    let mut seen = Vec::new();
+    while let Some((id, len)) = q.pop_used(ram).unwrap() {
+        assert_eq!(len, 1);
+        assert!(!seen.contains(&id), "head {id} completed twice");
+        seen.push(id);
+    }
+    seen
+}
+
+#[test]
+fn reset_while_a_worker_is_mid_batch() {
+    let GatedDevice { ram, disk, gate, dev, workers } = gated_device();
     let mut drv = MmioDriver::new(DirectIo(&*dev));
     drv.init(&*ram, OPTS, &[(0, QSIZE, QBASE)]).unwrap();
     let mut reqs = Requests::new(ram.clone());
-    let mut statuses = Vec::new();
-    let mut heads = Vec::new();
-    for i in 0..BATCH {
-        let (bufs, st) = reqs.write(10 + i, 0x40 + i as u8);
-        heads.push(drv.queue(0).add_unpublished(&*ram, &bufs).unwrap());
-        statuses.push(st);
-    }
-    drv.queue(0).publish(&*ram).unwrap();
-    drv.notify(0).unwrap();
-    gate.wait_entered();
+    let submitted = submit_batch(&mut drv, &ram, &mut reqs, &gate, 0x40);
 
     // The vCPU resets the device while the worker is inside request 0;
     // the reset waits for that request, not for the whole batch.
@@ -482,19 +522,13 @@ fn reset_while_a_worker_is_mid_batch() {
     assert!(!dev.is_active());
 
     // Every request completed exactly once or never started.
-    let q = drv.queue(0);
-    let used = q.used_idx(&*ram).unwrap();
-    let mut seen = Vec::new();
-    while let Some((id, len)) = q.pop_used(&*ram).unwrap() {
-        assert_eq!(len, 1);
-        assert!(!seen.contains(&id), "head {id} completed twice");
-        seen.push(id);
-    }
+    let used = drv.queue(0).used_idx(&*ram).unwrap();
+    let seen = reap_each_once(drv.queue(0), &ram);
     assert_eq!(seen.len(), usize::from(used));
     let executed = gate.writes.load(Ordering::Relaxed);
     assert_eq!(executed, seen.len(), "backend writes vs published completions");
     assert!(executed >= 1, "the request in progress completed");
-    for (i, (&h, &st)) in heads.iter().zip(&statuses).enumerate() {
+    for (i, &(h, st)) in submitted.iter().enumerate() {
         let done = seen.contains(&u32::from(h));
         let byte = reqs.status(st);
         assert_eq!(byte, if done { S_OK } else { 0xff }, "request {i}: status {byte:#x}");
@@ -516,34 +550,15 @@ fn reset_while_a_worker_is_mid_batch() {
 
 #[test]
 fn unplug_while_a_worker_is_mid_batch() {
-    const BATCH: u64 = 16;
     const BASE: u64 = 0x1000_0000;
-    let ram = Arc::new(GuestRam::new(RAM, RAM_SIZE).unwrap());
-    let (disk, gate) = Gated::disk();
-    let blk = VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap();
-    let dev = Arc::new(MmioTransport::new(
-        blk,
-        ram.clone(),
-        Arc::new(RecordingIrq::new()),
-        Trigger::Edge,
-    ));
-    let workers =
-        QueueWorkers::spawn(dev.clone(), vec![Arc::new(CondvarEvent::new()) as _]).unwrap();
+    let GatedDevice { ram, disk, gate, dev, workers } = gated_device();
     let bus = vmio::IoBus::<vmio::Mmio>::new();
     let id = bus.register(vmio::IoRange::new(BASE, 0x200).unwrap(), dev.clone()).unwrap();
     drop(dev);
     let mut drv = MmioDriver::new(vmio::testing::BusIo { bus: &bus, base: BASE });
     drv.init(&*ram, OPTS, &[(0, QSIZE, QBASE)]).unwrap();
     let mut reqs = Requests::new(ram.clone());
-    let mut statuses = Vec::new();
-    for i in 0..BATCH {
-        let (bufs, st) = reqs.write(10 + i, 0x60 + i as u8);
-        drv.queue(0).add_unpublished(&*ram, &bufs).unwrap();
-        statuses.push(st);
-    }
-    drv.queue(0).publish(&*ram).unwrap();
-    drv.notify(0).unwrap();
-    gate.wait_entered();
+    let submitted = submit_batch(&mut drv, &ram, &mut reqs, &gate, 0x60);
 
     // The worker is inside request 0: the unplug does not wait for it.
     let unplug = bus.unregister(id).unwrap();
@@ -555,15 +570,10 @@ fn unplug_while_a_worker_is_mid_batch() {
     // Shutting the workers down finishes what the worker had started.
     gate.open();
     workers.shutdown();
-    let q = drv.queue(0);
-    let mut seen = Vec::new();
-    while let Some((id, _)) = q.pop_used(&*ram).unwrap() {
-        assert!(!seen.contains(&id), "head {id} completed twice");
-        seen.push(id);
-    }
+    let seen = reap_each_once(drv.queue(0), &ram);
     assert_eq!(seen.len() as u64, BATCH, "a request of the batch was lost");
     assert_eq!(gate.writes.load(Ordering::Relaxed) as u64, BATCH);
-    for (i, &st) in statuses.iter().enumerate() {
+    for (i, &(_, st)) in submitted.iter().enumerate() {
         assert_eq!(reqs.status(st), S_OK, "request {i}");
         assert_eq!(sector_byte(disk.inner(), 10 + i as u64), 0x60 + i as u8);
     }
