@@ -23,22 +23,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use glue::{bring_up, dwz_segment, guest_ram};
-use vmio::testing::{BackendOp, FaultyDisk, Intercept, RecordingIrq, ServeHook};
+use glue::{bring_up, dwz_segment};
+use vmio::testing::{BackendOp, FaultyDisk, Intercept, ServeHook};
 use vmio::virtio::blk::{BackendError, BlkConfig, BlockBackend, RamDisk, VirtioBlk};
 use vmio::virtio::spec::blk::{S_IOERR, S_OK, T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES};
-use vmio::virtio::{MmioTransport, QueueStop, Trigger, VirtioDevice};
-use vmio::{IoBus, IoRange, Mmio};
+use vmio::virtio::{QueueStop, Trigger, VirtioDevice};
+use vmio::{IoBus, Mmio};
 
 const BASE: u64 = 0x1000_0000;
 const ALL: u64 = u64::MAX;
 
 fn plug(device: impl VirtioDevice + 'static) -> IoBus<Mmio> {
-    let irq = Arc::new(RecordingIrq::new());
-    let transport = MmioTransport::new(device, guest_ram(), irq, Trigger::Edge);
-    let bus = IoBus::<Mmio>::new();
-    bus.register(IoRange::new(BASE, 0x200).unwrap(), Arc::new(transport)).unwrap();
-    bus
+    glue::plug(device, BASE, Trigger::Edge)
 }
 
 /// Makes a disk's reads complete only when `parties` reads are inside it

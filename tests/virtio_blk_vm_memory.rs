@@ -15,19 +15,13 @@ mod glue;
 use std::sync::{Arc, OnceLock};
 use std::thread;
 
-use glue::{
-    BusTransport, GuestHal, RAM_BASE, RAM_SIZE, bring_up, flush_and_check_id, guest_ram,
-    write_read_verify,
-};
-use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
-use virtio_drivers::transport::{DeviceType, Transport};
+use glue::{RAM_BASE, RAM_SIZE, bring_up, guest_ram, plug, ram_disk_end_to_end};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmio::GuestMemory;
-use vmio::testing::RecordingIrq;
+use vmio::virtio::Trigger;
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, VirtioBlk};
 use vmio::virtio::spec::blk::{T_IN, T_OUT};
-use vmio::virtio::{MmioTransport, Trigger};
-use vmio::{IoBus, IoRange, Mmio};
+use vmio::{IoBus, Mmio};
 
 const BASE: u64 = 0x1000_0000;
 
@@ -46,13 +40,12 @@ fn setup() -> usize {
     })
 }
 
-fn plug<B: BlockBackend + 'static>(backend: B, config: BlkConfig, trigger: Trigger) -> IoBus<Mmio> {
-    let blk = VirtioBlk::new(backend, config).expect("valid config");
-    let irq = Arc::new(RecordingIrq::new());
-    let transport = MmioTransport::new(blk, guest_ram(), irq, trigger);
-    let bus = IoBus::<Mmio>::new();
-    bus.register(IoRange::new(BASE, 0x200).unwrap(), Arc::new(transport)).unwrap();
-    bus
+fn plug_blk<B: BlockBackend + 'static>(
+    backend: B,
+    config: BlkConfig,
+    trigger: Trigger,
+) -> IoBus<Mmio> {
+    plug(VirtioBlk::new(backend, config).expect("valid config"), BASE, trigger)
 }
 
 #[test]
@@ -64,24 +57,9 @@ fn virtio_drivers_blk_over_guest_memory_mmap() {
 
     let rounds = if cfg!(miri) { 8 } else { 300 };
     let disk = Arc::new(RamDisk::new(4 << 20));
-    let bus = plug(disk.clone(), BlkConfig::default().with_id("vmio-vm-memory"), Trigger::Level);
-    let transport = BusTransport::new(&bus, BASE, 0);
-    assert_eq!(transport.device_type(), DeviceType::Block);
-    let mut driver = VirtIOBlk::<GuestHal, _>::new(transport).expect("driver initializes");
-    let sectors = driver.capacity() as usize;
-    assert_eq!(sectors, (4 << 20) / SECTOR_SIZE);
-
-    let shadow = write_read_verify(&mut driver, rounds, 0x5eed);
-    flush_and_check_id(&mut driver, b"vmio-vm-memory");
-
-    let mut on_disk = vec![0u8; shadow.len()];
-    disk.read_at(0, &mut on_disk).unwrap();
-    assert!(on_disk == shadow, "backend differs from the driver's shadow");
-
-    // Beyond capacity: IOERR, and the device keeps serving.
-    let mut buf = [0u8; SECTOR_SIZE];
-    assert!(driver.read_blocks(sectors, &mut buf).is_err());
-    driver.read_blocks(sectors - 1, &mut buf).expect("the last sector is readable");
+    let config = BlkConfig::default().with_id("vmio-vm-memory");
+    let bus = plug_blk(disk.clone(), config, Trigger::Level);
+    ram_disk_end_to_end(&bus, BASE, &*disk, b"vmio-vm-memory", rounds, 0x5eed);
 }
 
 #[test]
@@ -89,7 +67,7 @@ fn two_queues_on_two_threads_over_guest_memory_mmap() {
     setup();
     let disk = Arc::new(RamDisk::new(1 << 20));
     let config = BlkConfig { num_queues: 2, ..BlkConfig::default() };
-    let bus = plug(disk.clone(), config, Trigger::Edge);
+    let bus = plug_blk(disk.clone(), config, Trigger::Edge);
     let (_, pending) = bring_up(&bus, BASE, 2, u64::MAX);
     let per_queue = (1 << 20) / 2;
     let workers: Vec<_> = pending

@@ -9,9 +9,11 @@
 //!   [`use_guest_memory`]): DMA pages come from guest RAM, and driver buffers
 //!   outside guest RAM are bounced through it (copied in on `share`, back on
 //!   `unshare`), exactly what a swiotlb does in a confidential guest.
+//! - [`plug`] puts a device on a bus behind the virtio-mmio transport.
 //! - [`write_read_verify`] and [`flush_and_check_id`]: the workload every
 //!   end-to-end test runs through the crate's `VirtIOBlk`, checked against a
-//!   shadow of the disk.
+//!   shadow of the disk; [`ram_disk_end_to_end`] runs it from driver
+//!   initialisation to the backend's contents.
 //!
 //! A test binary that includes this file includes `common/rng.rs` as `rng`
 //! next to it.
@@ -25,10 +27,12 @@ use super::rng::Rng;
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE, PhysAddr};
-use vmio::virtio::blk::{RequestHeader, RequestType};
+use vmio::testing::RecordingIrq;
+use vmio::virtio::blk::{BlockBackend, RequestHeader, RequestType};
 use vmio::virtio::spec::mmio as regs;
+use vmio::virtio::{MmioTransport, Trigger, VirtioDevice};
 use vmio::{GuestMemory, GuestRam};
-use vmio::{IoBus, Mmio, VcpuHandle, Width};
+use vmio::{IoBus, IoRange, Mmio, VcpuHandle, Width};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Guest-physical base of the shared guest RAM.
@@ -548,4 +552,49 @@ pub fn flush_and_check_id(driver: &mut VirtIOBlk<GuestHal, BusTransport>, id: &[
     let mut buf = [0u8; 20];
     let len = driver.device_id(&mut buf).expect("GET_ID");
     assert_eq!(&buf[..len], id);
+}
+
+/// A bus with `device` behind a virtio-mmio transport at `base`, over the
+/// process's guest RAM, interrupting on a recording line with `trigger`.
+pub fn plug(device: impl VirtioDevice + 'static, base: u64, trigger: Trigger) -> IoBus<Mmio> {
+    let irq = Arc::new(RecordingIrq::new());
+    let transport = MmioTransport::new(device, guest_ram(), irq, trigger);
+    let bus = IoBus::<Mmio>::new();
+    bus.register(IoRange::new(base, 0x200).unwrap(), Arc::new(transport)).unwrap();
+    bus
+}
+
+/// The crate's driver against the writable virtio-blk at `base` on `bus`,
+/// whose backend is `disk` and whose device id is `id`: it initializes the
+/// device and sees the disk's capacity, runs [`write_read_verify`] and
+/// [`flush_and_check_id`]; the backend then holds what the driver wrote,
+/// and a read beyond capacity fails without stopping the device.
+pub fn ram_disk_end_to_end(
+    bus: &IoBus<Mmio>,
+    base: u64,
+    disk: &dyn BlockBackend,
+    id: &[u8],
+    rounds: usize,
+    seed: u64,
+) {
+    let transport = BusTransport::new(bus, base, 0);
+    assert_eq!(transport.device_type(), DeviceType::Block);
+    let mut driver =
+        VirtIOBlk::<GuestHal, _>::new(transport).expect("driver initializes the device");
+    let sectors = driver.capacity() as usize;
+    assert_eq!(sectors as u64, disk.size() / SECTOR_SIZE as u64);
+    assert!(!driver.readonly());
+
+    let shadow = write_read_verify(&mut driver, rounds, seed);
+    flush_and_check_id(&mut driver, id);
+
+    // What the driver wrote is what the backend holds.
+    let mut on_disk = vec![0u8; shadow.len()];
+    disk.read_at(0, &mut on_disk).unwrap();
+    assert!(on_disk == shadow, "backend differs from the driver's shadow");
+
+    // Beyond capacity: the device answers IOERR and the driver goes on.
+    let mut buf = [0u8; SECTOR_SIZE];
+    assert!(driver.read_blocks(sectors, &mut buf).is_err());
+    driver.read_blocks(sectors - 1, &mut buf).expect("the last sector is readable");
 }
