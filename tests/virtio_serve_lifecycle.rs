@@ -30,8 +30,8 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use vmio::testing::{
-    BackendOp, BlkRequest, Buf, DirectIo, FaultyDisk, GuestAlloc, GuestQueue, InitOptions,
-    Intercept, MmioDriver, RecordingIrq, RegisterIo, ServeHook,
+    BackendOp, BlkRequest, Buf, CountCalls, DirectIo, FaultyDisk, GuestAlloc, GuestQueue,
+    InitOptions, Intercept, MmioDriver, RecordingIrq, RegisterIo,
 };
 use vmio::virtio::blk::{BlkConfig, BlockBackend, RamDisk, RequestType, VirtioBlk};
 use vmio::virtio::spec::blk::S_OK;
@@ -39,7 +39,7 @@ use vmio::virtio::spec::features::VIRTIO_F_VERSION_1;
 use vmio::virtio::spec::interrupt::USED_BUFFER as INT_USED_BUFFER;
 use vmio::virtio::spec::mmio as regs;
 use vmio::virtio::spec::status::DEVICE_NEEDS_RESET;
-use vmio::virtio::{CondvarEvent, MmioTransport, QueueEvent, QueueWorkers, Trigger, VirtioDevice};
+use vmio::virtio::{CondvarEvent, MmioTransport, QueueEvent, QueueWorkers, Trigger};
 use vmio::{Access, Device, Width};
 use vmio::{GuestMemory, GuestRam, MemoryError};
 
@@ -274,31 +274,12 @@ fn notify_during_a_serve_is_not_lost() {
     workers.shutdown();
 }
 
-/// Counts the lifecycle calls its device gets.
-#[derive(Default)]
-struct Counting {
-    stopped: AtomicUsize,
-    started: AtomicUsize,
-}
-
-impl ServeHook for Counting {
-    fn queue_stopped<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16) {
-        // Relaxed: counters read after the fact.
-        self.stopped.fetch_add(1, Ordering::Relaxed);
-        device.queue_stopped(queue)
-    }
-    fn queue_started<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16) {
-        self.started.fetch_add(1, Ordering::Relaxed);
-        device.queue_started(queue)
-    }
-}
-
 fn queue_ready_zero_stops_the_queue_in(deferred: bool) {
     let ram = Arc::new(GuestRam::new(RAM, RAM_SIZE).unwrap());
     let disk = Arc::new(RamDisk::new(1 << 20));
     let blk = Intercept {
         device: VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap(),
-        hook: Counting::default(),
+        hook: CountCalls::default(),
     };
     let line = Arc::new(RecordingIrq::new());
     let dev = Arc::new(MmioTransport::new(blk, ram.clone(), line, Trigger::Edge));
@@ -319,7 +300,7 @@ fn queue_ready_zero_stops_the_queue_in(deferred: bool) {
     wr(&*dev, regs::QUEUE_READY, 0);
     assert_eq!(rd(&*dev, regs::QUEUE_READY), 0);
     assert!(!dev.queue_live(0));
-    assert_eq!(dev.device().hook.stopped.load(Ordering::Relaxed), 1);
+    assert_eq!(dev.device().hook.stopped(), 1);
 
     // Requests made available now must not be touched, however notified.
     let used_before = drv.queue(0).used_idx(&*ram).unwrap();
@@ -337,7 +318,7 @@ fn queue_ready_zero_stops_the_queue_in(deferred: bool) {
     // request left in the ring is served (deferred: without a new notify).
     wr(&*dev, regs::QUEUE_READY, 1);
     assert_eq!(rd(&*dev, regs::QUEUE_READY), 1);
-    assert_eq!(dev.device().hook.started.load(Ordering::Relaxed), 1);
+    assert_eq!(dev.device().hook.started(), 1);
     if !deferred {
         drv.notify(0).unwrap();
     }

@@ -2,6 +2,8 @@
 //! a test step in around the queue calls: time a serve, count lifecycle
 //! calls, serialize the queues behind one lock.
 
+use core::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::virtio::{ActivateError, Activation, QueueStop, VirtioDevice};
 
 /// What an [`Intercept`] does instead of forwarding a queue call. Each
@@ -29,23 +31,13 @@ pub trait ServeHook: Send + Sync {
 ///
 /// # Example
 /// ```
-/// use core::sync::atomic::{AtomicUsize, Ordering};
-/// use vmio::testing::{EchoDevice, Intercept, ServeHook};
+/// use vmio::testing::{CountCalls, EchoDevice, Intercept};
 /// use vmio::virtio::{QueueStop, VirtioDevice};
 ///
-/// #[derive(Default)]
-/// struct CountServes(AtomicUsize);
-/// impl ServeHook for CountServes {
-///     fn serve<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16, stop: &QueueStop) {
-///         // Relaxed: read after the fact.
-///         self.0.fetch_add(1, Ordering::Relaxed);
-///         device.serve(queue, stop)
-///     }
-/// }
-///
-/// let dev = Intercept { device: EchoDevice::new(1), hook: CountServes::default() };
+/// let dev = Intercept { device: EchoDevice::new(1), hook: CountCalls::default() };
 /// assert_eq!(dev.num_queues(), 1);
-/// assert_eq!(dev.hook.0.load(Ordering::Relaxed), 0);
+/// dev.serve(0, &QueueStop::new());
+/// assert_eq!(dev.hook.serves(), 1);
 /// ```
 #[derive(Debug, Default)]
 pub struct Intercept<D, H> {
@@ -94,35 +86,58 @@ impl<D: VirtioDevice, H: ServeHook> VirtioDevice for Intercept<D, H> {
     }
 }
 
+/// A [`ServeHook`] that counts the queue calls its device gets and forwards
+/// them.
+#[derive(Debug, Default)]
+pub struct CountCalls {
+    serves: AtomicUsize,
+    stopped: AtomicUsize,
+    started: AtomicUsize,
+}
+
+impl CountCalls {
+    /// [`VirtioDevice::serve`] calls so far.
+    pub fn serves(&self) -> usize {
+        // Relaxed: a statistic; a test reads it after the calls it counts
+        // returned (or were joined), which orders them.
+        self.serves.load(Ordering::Relaxed)
+    }
+
+    /// [`VirtioDevice::queue_stopped`] calls so far.
+    pub fn stopped(&self) -> usize {
+        // Relaxed: as in `serves`.
+        self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// [`VirtioDevice::queue_started`] calls so far.
+    pub fn started(&self) -> usize {
+        // Relaxed: as in `serves`.
+        self.started.load(Ordering::Relaxed)
+    }
+}
+
+impl ServeHook for CountCalls {
+    fn serve<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16, stop: &QueueStop) {
+        // Relaxed: counted, not synchronized with (see `serves`).
+        self.serves.fetch_add(1, Ordering::Relaxed);
+        device.serve(queue, stop)
+    }
+    fn queue_stopped<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16) {
+        // Relaxed: as in `serve`.
+        self.stopped.fetch_add(1, Ordering::Relaxed);
+        device.queue_stopped(queue)
+    }
+    fn queue_started<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16) {
+        // Relaxed: as in `serve`.
+        self.started.fetch_add(1, Ordering::Relaxed);
+        device.queue_started(queue)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::EchoDevice;
-    use core::sync::atomic::{AtomicUsize, Ordering};
-
-    /// Counts the queue calls and forwards them.
-    #[derive(Default)]
-    struct Counts {
-        serves: AtomicUsize,
-        stops: AtomicUsize,
-        starts: AtomicUsize,
-    }
-
-    impl ServeHook for Counts {
-        fn serve<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16, stop: &QueueStop) {
-            // Relaxed: single-threaded test, read afterwards.
-            self.serves.fetch_add(1, Ordering::Relaxed);
-            device.serve(queue, stop)
-        }
-        fn queue_stopped<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16) {
-            self.stops.fetch_add(1, Ordering::Relaxed);
-            device.queue_stopped(queue)
-        }
-        fn queue_started<D: VirtioDevice + ?Sized>(&self, device: &D, queue: u16) {
-            self.starts.fetch_add(1, Ordering::Relaxed);
-            device.queue_started(queue)
-        }
-    }
 
     /// A hook that keeps the defaults.
     struct Forward;
@@ -145,13 +160,13 @@ mod tests {
 
     #[test]
     fn the_hook_sees_each_queue_call_once() {
-        let dev = Intercept { device: EchoDevice::new(1), hook: Counts::default() };
+        let dev = Intercept { device: EchoDevice::new(1), hook: CountCalls::default() };
         dev.queue_stopped(0);
         dev.queue_started(0);
         dev.queue_stopped(0);
         dev.serve(0, &QueueStop::new());
-        assert_eq!(dev.hook.serves.load(Ordering::Relaxed), 1);
-        assert_eq!(dev.hook.stops.load(Ordering::Relaxed), 2);
-        assert_eq!(dev.hook.starts.load(Ordering::Relaxed), 1);
+        assert_eq!(dev.hook.serves(), 1);
+        assert_eq!(dev.hook.stopped(), 2);
+        assert_eq!(dev.hook.started(), 1);
     }
 }

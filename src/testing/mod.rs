@@ -25,7 +25,8 @@
 //! - [`RecordingIrq`] / [`RecordingController`]: interrupt lines that
 //!   record what they were asked ([`IrqEvent`]).
 //! - [`Intercept`]: a device wrapper that forwards every call and runs a
-//!   [`ServeHook`] around the queue calls (serve, queue stopped/started).
+//!   [`ServeHook`] around the queue calls (serve, queue stopped/started);
+//!   [`CountCalls`] counts them.
 
 mod blk;
 mod echo;
@@ -43,7 +44,7 @@ pub use echo::{ECHO_CONFIG_LEN, ECHO_DEVICE_TYPE, EchoDevice};
 pub use fuzz::{FUZZ_RAM, fuzz_mmio};
 pub use fuzz_blk::{FUZZ_BLK_RAM, fuzz_blk};
 pub use hostile::{Expect, Hostile, HostileEnv};
-pub use intercept::{Intercept, ServeHook};
+pub use intercept::{CountCalls, Intercept, ServeHook};
 pub use irq::{IrqEvent, RecordingController, RecordingIrq};
 #[cfg(feature = "std")]
 pub use mmio::BusIo;
