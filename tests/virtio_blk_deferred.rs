@@ -28,9 +28,13 @@ use rng::Rng;
 #[path = "common/virtio_drivers_glue.rs"]
 mod glue;
 
+#[path = "common/gate.rs"]
+mod gate;
+use gate::Gate;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use glue::{BusTransport, GuestHal, bring_up, flush_and_check_id, guest_ram, write_read_verify};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
@@ -182,14 +186,11 @@ fn ioeventfd_notifies_that_never_reach_the_transport() {
     drop(workers);
 }
 
-/// What makes a [`FaultyDisk`] slow: flushes block while the gate is
-/// closed, and the first `parties` reads only complete once that many are
-/// inside the backend at once.
+/// What makes a [`FaultyDisk`] slow: flushes wait at a gate, and the first
+/// `parties` reads only complete once that many are inside the backend at
+/// once.
 struct Slow {
-    closed: Mutex<bool>,
-    cv: Condvar,
-    /// Flushes that reached the backend.
-    flushing: AtomicUsize,
+    flush: Gate,
     /// (reads still to meet, reads arrived in this round)
     meet: Mutex<(usize, usize)>,
     met: Condvar,
@@ -201,9 +202,7 @@ impl Slow {
     /// The state, and a disk of `size` bytes that obeys it.
     fn disk(size: u64, parties: usize) -> (Arc<FaultyDisk>, Arc<Slow>) {
         let slow = Arc::new(Slow {
-            closed: Mutex::new(true),
-            cv: Condvar::new(),
-            flushing: AtomicUsize::new(0),
+            flush: Gate::default(),
             meet: Mutex::new((parties, 0)),
             met: Condvar::new(),
             inside: AtomicUsize::new(0),
@@ -213,24 +212,12 @@ impl Slow {
         let disk = FaultyDisk::ram(size).on(move |op| match op {
             BackendOp::Read { .. } => state.read(),
             BackendOp::Flush => {
-                state.flush();
+                state.flush.pass();
                 Ok(())
             }
             _ => Ok(()),
         });
         (Arc::new(disk), slow)
-    }
-    fn open(&self) {
-        *self.closed.lock().unwrap() = false;
-        self.cv.notify_all();
-    }
-    fn wait_flushing(&self) {
-        let deadline = Instant::now() + TIMEOUT;
-        // Acquire pairs with the Release increment in `flush`.
-        while self.flushing.load(Ordering::Acquire) == 0 {
-            assert!(Instant::now() < deadline, "the flush never reached the backend");
-            std::thread::yield_now();
-        }
     }
     fn read(&self) -> Result<(), BackendError> {
         // Relaxed: statistics, read after the threads are joined.
@@ -256,13 +243,6 @@ impl Slow {
         drop(m);
         self.inside.fetch_sub(1, Ordering::Relaxed);
         result
-    }
-    fn flush(&self) {
-        self.flushing.fetch_add(1, Ordering::Release);
-        let mut closed = self.closed.lock().unwrap();
-        while *closed {
-            closed = self.cv.wait(closed).unwrap();
-        }
     }
 }
 
@@ -301,7 +281,7 @@ fn flush_blocked(
         let mut q = q.attach();
         q.request(T_FLUSH, 0, &[], &mut []).0
     });
-    slow.wait_flushing();
+    slow.flush.wait_entered(TIMEOUT, "the flush");
     (bus, other, workers, vcpu)
 }
 
@@ -332,7 +312,7 @@ fn unplug_and_dispatch_go_on_while_a_worker_flushes() {
     waiter.join().unwrap();
     assert!(bus.read(OTHER, Width::U32).is_err(), "the other device is gone");
 
-    slow.open();
+    slow.flush.open();
     assert_eq!(vcpu.join().unwrap(), S_OK, "the flush completed");
     drop(workers);
 }
@@ -348,7 +328,7 @@ fn inline_flush_holds_up_unplug_control() {
     for _ in 0..100 {
         assert!(!unplug.poll(), "unplug completed while a vCPU was inside the bus");
     }
-    slow.open();
+    slow.flush.open();
     assert_eq!(vcpu.join().unwrap(), S_OK);
     unplug.wait().unwrap();
 }
@@ -366,7 +346,7 @@ fn unplug_the_device_itself_mid_flush() {
         let slow = slow.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
-            slow.open();
+            slow.flush.open();
         })
     };
     workers.unwrap().shutdown();
@@ -381,7 +361,7 @@ fn two_queues_served_by_two_workers_at_once_match_shadow() {
     // The first read of each queue completes only while the other queue's
     // read is inside the backend too: serialized workers fail the request.
     let (disk, slow) = Slow::disk(2 << 20, usize::from(QUEUES));
-    slow.open();
+    slow.flush.open();
     let sectors = disk.size() as usize / SECTOR_SIZE;
     let config = BlkConfig { num_queues: QUEUES, ..BlkConfig::default() };
     let blk = VirtioBlk::new(disk.clone(), config).unwrap();

@@ -25,8 +25,12 @@
 //!   worker is inside the batch; shutting the workers down finishes the
 //!   batch: every request completed exactly once.
 
+#[path = "common/gate.rs"]
+mod gate;
+use gate::Gate;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use vmio::testing::{
@@ -370,72 +374,34 @@ fn valid_requests_before_a_ring_breaking_entry_complete() {
     assert_ne!(drv.status().unwrap() & DEVICE_NEEDS_RESET, 0);
 }
 
-/// What holds a [`FaultyDisk`]'s writes: they block while the gate is
-/// closed; `writes` counts those that went through.
-struct Gated {
-    closed: Mutex<bool>,
-    cv: Condvar,
-    entered: AtomicUsize,
-    writes: AtomicUsize,
-}
-
-impl Gated {
-    /// The gate (closed), and a 1 MiB disk behind it.
-    fn disk() -> (Arc<FaultyDisk>, Arc<Gated>) {
-        let gate = Arc::new(Gated {
-            closed: Mutex::new(true),
-            cv: Condvar::new(),
-            entered: 0.into(),
-            writes: 0.into(),
-        });
-        let state = gate.clone();
-        let disk = FaultyDisk::ram(1 << 20).on(move |op| {
-            if let BackendOp::Write { .. } = op {
-                state.pass();
-            }
-            Ok(())
-        });
-        (Arc::new(disk), gate)
-    }
-    fn pass(&self) {
-        self.entered.fetch_add(1, Ordering::Release);
-        let mut closed = self.closed.lock().unwrap();
-        while *closed {
-            closed = self.cv.wait(closed).unwrap();
+/// A 1 MiB disk whose writes wait at the returned gate (closed).
+fn gated_disk() -> (Arc<FaultyDisk>, Arc<Gate>) {
+    let gate = Arc::new(Gate::default());
+    let state = gate.clone();
+    let disk = FaultyDisk::ram(1 << 20).on(move |op| {
+        if let BackendOp::Write { .. } = op {
+            state.pass();
         }
-        drop(closed);
-        // Relaxed: a counter read after the threads are joined.
-        self.writes.fetch_add(1, Ordering::Relaxed);
-    }
-    fn open(&self) {
-        *self.closed.lock().unwrap() = false;
-        self.cv.notify_all();
-    }
-    fn wait_entered(&self) {
-        let deadline = Instant::now() + DEADLINE;
-        // Acquire: pairs with the Release increment in `pass`.
-        while self.entered.load(Ordering::Acquire) == 0 {
-            assert!(Instant::now() < deadline, "the worker never reached the backend");
-            std::thread::yield_now();
-        }
-    }
+        Ok(())
+    });
+    (Arc::new(disk), gate)
 }
 
 /// Writes made available in one go by the mid-batch tests.
 const BATCH: u64 = 16;
 
-/// A virtio-blk over a [`Gated`] disk, its one queue served by a worker.
+/// A virtio-blk over a [`gated_disk`], its one queue served by a worker.
 struct GatedDevice {
     ram: Arc<GuestRam>,
     disk: Arc<FaultyDisk>,
-    gate: Arc<Gated>,
+    gate: Arc<Gate>,
     dev: Arc<MmioTransport<VirtioBlk<Arc<FaultyDisk>>>>,
     workers: QueueWorkers,
 }
 
 fn gated_device() -> GatedDevice {
     let ram = Arc::new(GuestRam::new(RAM, RAM_SIZE).unwrap());
-    let (disk, gate) = Gated::disk();
+    let (disk, gate) = gated_disk();
     let blk = VirtioBlk::new(disk.clone(), BlkConfig::default()).unwrap();
     let dev = Arc::new(MmioTransport::new(
         blk,
@@ -455,7 +421,7 @@ fn submit_batch<R: RegisterIo>(
     drv: &mut MmioDriver<R>,
     ram: &GuestRam,
     reqs: &mut Requests,
-    gate: &Gated,
+    gate: &Gate,
     fill: u8,
 ) -> Vec<(u16, u64)> {
     let mut submitted = Vec::new();
@@ -465,7 +431,7 @@ fn submit_batch<R: RegisterIo>(
     }
     drv.queue(0).publish(ram).unwrap();
     drv.notify(0).unwrap();
-    gate.wait_entered();
+    gate.wait_entered(DEADLINE, "the worker");
     submitted
 }
 
@@ -506,7 +472,7 @@ fn reset_while_a_worker_is_mid_batch() {
     let used = drv.queue(0).used_idx(&*ram).unwrap();
     let seen = reap_each_once(drv.queue(0), &ram);
     assert_eq!(seen.len(), usize::from(used));
-    let executed = gate.writes.load(Ordering::Relaxed);
+    let executed = gate.passed();
     assert_eq!(executed, seen.len(), "backend writes vs published completions");
     assert!(executed >= 1, "the request in progress completed");
     for (i, &(h, st)) in submitted.iter().enumerate() {
@@ -553,7 +519,7 @@ fn unplug_while_a_worker_is_mid_batch() {
     workers.shutdown();
     let seen = reap_each_once(drv.queue(0), &ram);
     assert_eq!(seen.len() as u64, BATCH, "a request of the batch was lost");
-    assert_eq!(gate.writes.load(Ordering::Relaxed) as u64, BATCH);
+    assert_eq!(gate.passed() as u64, BATCH);
     for (i, &(_, st)) in submitted.iter().enumerate() {
         assert_eq!(reqs.status(st), S_OK, "request {i}");
         assert_eq!(sector_byte(disk.inner(), 10 + i as u64), 0x60 + i as u8);
