@@ -37,7 +37,7 @@
 //!
 //! Per-request overhead = time per request − the matching `copy_4k` floor.
 //! Run:
-//! `cargo bench --bench virtio_blk -- --warm-up-time 1 --measurement-time 3`
+//! `cargo bench --features testing --bench virtio_blk -- --warm-up-time 1 --measurement-time 3`
 
 #[path = "../tests/common/rng.rs"]
 mod rng;

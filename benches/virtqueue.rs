@@ -10,7 +10,7 @@
 //! it the way a device loop does: pop until empty, re-enable notifications,
 //! then decide on the interrupt. EVENT_IDX is on for both.
 //!
-//! `cargo bench --bench virtqueue -- --warm-up-time 1 --measurement-time 3`
+//! `cargo bench --features testing --bench virtqueue -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
 use std::ptr::NonNull;

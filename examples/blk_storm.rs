@@ -13,7 +13,7 @@
 //! serves it (`QueueWorkers`), outside the bus.
 //!
 //! ```sh
-//! cargo run --release --example blk_storm -- [--seconds N] [--vcpus N] [--depth N] [--disk-mib N] [--deferred]
+//! cargo run --release --features testing --example blk_storm -- [--seconds N] [--vcpus N] [--depth N] [--disk-mib N] [--deferred]
 //! ```
 //!
 //! The run ends with an IOPS table and a verdict; the exit code is non-zero
