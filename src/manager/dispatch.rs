@@ -301,8 +301,9 @@ impl super::DeviceManager {
 }
 
 /// One vCPU thread's dispatch handles for a [`DeviceManager`](super::DeviceManager)'s three buses:
-/// lock-free, allocation-free, and devices see the vCPU id in
-/// [`Access::vcpu`](crate::Access::vcpu).
+/// lock-free and allocation-free on success and on a miss (an access a device
+/// refuses takes the name lock once, to name the device in the error), and
+/// devices see the vCPU id in [`Access::vcpu`](crate::Access::vcpu).
 pub struct VcpuIo {
     handles: Handles,
     shared: Arc<Shared>,

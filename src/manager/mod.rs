@@ -93,7 +93,9 @@ struct Table {
 /// handle-free `handle_*` methods (with `std`) suit occasional callers.
 /// Dispatch errors ([`DispatchError`]) carry the device's name.
 ///
-/// Lock order: dispatch takes no lock. Configuration changes (build, add,
+/// Lock order: a successful or unmapped dispatch takes no lock; one a device
+/// refuses (or that straddles its range) takes the leaf name lock once, to
+/// put the device's name in the error. Configuration changes (build, add,
 /// remove, move) serialize on the name-table lock, taken before any bus's
 /// writer lock and never held while a device runs — except kind
 /// constructors, which must not call back into the manager.
